@@ -1,0 +1,1 @@
+"""SAPT: shared attentive parameter-efficient continual learning on stock HuggingFace models."""

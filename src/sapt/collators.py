@@ -1,0 +1,67 @@
+"""Batching for training (teacher forcing) and for generation, per backbone family (SPEC 1.2).
+
+Examples are dicts with `source` (prompt text), `target` (label text) and `index`; tokenization
+happens here so the prompt and the label are always tokenized the same way in training and in
+evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import IGNORE_INDEX
+
+
+def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    padded = [([value] * (width - len(row)) + row) if left else (row + [value] * (width - len(row))) for row in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+@dataclass
+class Collator:
+    """`for_generation=False`: input_ids, attention_mask, labels.
+    `for_generation=True`: the prompt alone, plus `example_index` to find each example's reference."""
+
+    tokenizer: object
+    is_encoder_decoder: bool
+    max_source_length: int = 512
+    max_target_length: int = 50
+    for_generation: bool = False
+
+    def prompt_ids(self, sources: list[str]) -> list[list[int]]:
+        return self.tokenizer(sources, truncation=True, max_length=self.max_source_length)["input_ids"]
+
+    def label_ids(self, targets: list[str]) -> list[list[int]]:
+        if self.is_encoder_decoder:  # T5's tokenizer closes every sequence with </s>
+            return self.tokenizer(text_target=targets, truncation=True, max_length=self.max_target_length)[
+                "input_ids"
+            ]
+        ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+        return [row[: self.max_target_length] + [self.tokenizer.eos_token_id] for row in ids]
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id
+        left = not self.is_encoder_decoder  # decoder-only prompts end where generation starts
+        prompts = self.prompt_ids([ex["source"] for ex in examples])
+        if self.for_generation:
+            batch = {"input_ids": _pad(prompts, pad, left), "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left)}
+            batch["example_index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
+            return batch
+        labels = self.label_ids([ex["target"] for ex in examples])
+        if self.is_encoder_decoder:
+            return {
+                "input_ids": _pad(prompts, pad, left=False),
+                "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=False),
+                "labels": _pad(labels, IGNORE_INDEX, left=False),
+            }
+        # Decoder-only: prompt + label + EOS in one sequence, loss on the label part only.
+        sequences = [p + l for p, l in zip(prompts, labels)]
+        targets = [[IGNORE_INDEX] * len(p) + l for p, l in zip(prompts, labels)]
+        return {
+            "input_ids": _pad(sequences, pad, left=True),
+            "attention_mask": _pad([[1] * len(s) for s in sequences], 0, left=True),
+            "labels": _pad(targets, IGNORE_INDEX, left=True),
+        }

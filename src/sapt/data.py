@@ -1,0 +1,122 @@
+"""The continual-learning benchmark as `datasets.Dataset` objects, with the release's prompts (SPEC 1).
+
+Each example has the columns `task`, `source` (the full prompt), `target` (the label text) and
+`index` (position in its split, used to match generations back to references).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from datasets import Dataset
+
+BENCHMARKS = ("SuperNI", "Long_Sequence")
+SPLITS = ("train", "dev", "test")
+METRIC_OF_BENCHMARK = {"SuperNI": "rougeL", "Long_Sequence": "exact_match"}
+
+SUPERNI_TEMPLATE = "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
+LONG_TEMPLATE = "{definition}\n{input}\nOutput: "
+
+
+class DataError(ValueError):
+    """Benchmark files that are missing or not in the expected format (message names the file)."""
+
+
+def find_task(data_dir: str | Path, task: str) -> tuple[str, Path]:
+    """(benchmark, folder) of `task` under a CL_Benchmark-style root (or a benchmark folder itself)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder does not exist")
+    for benchmark in BENCHMARKS:
+        folder = data_dir / benchmark / task
+        if folder.is_dir():
+            return benchmark, folder
+    if data_dir.name in BENCHMARKS and (data_dir / task).is_dir():
+        return data_dir.name, data_dir / task
+    raise DataError(f"{data_dir}: no task folder named {task!r} under {' or '.join(BENCHMARKS)}")
+
+
+def benchmark_of(data_dir: str | Path, task: str) -> str:
+    return find_task(data_dir, task)[0]
+
+
+def format_prompt(benchmark: str, definition: str, text: str) -> str:
+    if benchmark == "SuperNI":
+        return SUPERNI_TEMPLATE.format(definition=definition, input=text)
+    if not definition:  # copa: no definition, the prompt starts with the input
+        return f"{text}\nOutput: "
+    return LONG_TEMPLATE.format(definition=definition, input=text)
+
+
+def read_split_file(path: Path) -> tuple[str, list[dict]]:
+    """(definition, instances) of one split file, validated."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: malformed JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
+        raise DataError(f"{path}: expected a JSON object with an 'Instances' list")
+    definition = data.get("Definition", "")
+    if isinstance(definition, list):
+        definition = definition[0] if definition else ""
+    if not isinstance(definition, str):
+        raise DataError(f"{path}: 'Definition' must be a string or a list of strings")
+    instances = data["Instances"]
+    if not instances:
+        raise DataError(f"{path}: split has no instances")
+    for number, instance in enumerate(instances):
+        if not isinstance(instance, dict) or "input" not in instance or "output" not in instance:
+            raise DataError(f"{path}: instance {number} lacks 'input' or 'output'")
+        output = instance["output"]
+        valid_list = isinstance(output, list) and output and all(isinstance(o, str) for o in output)
+        if not isinstance(instance["input"], str) or not (isinstance(output, str) or valid_list):
+            raise DataError(f"{path}: instance {number} has a non-text 'input' or 'output'")
+    return definition.strip(), instances
+
+
+def load_split(
+    data_dir: str | Path,
+    task: str,
+    split: str,
+    seed: int = 42,
+    max_samples: int | None = None,
+    require_outputs: bool = True,
+) -> Dataset:
+    """One split of one task. A list-valued `output` contributes one element, drawn with `seed`."""
+    benchmark, folder = find_task(data_dir, task)
+    definition, instances = read_split_file(folder / f"{split}.json")
+    if max_samples is not None:
+        instances = instances[:max_samples]
+    rng = random.Random(f"{seed}-{task}-{split}")
+    rows = {"task": [], "source": [], "target": [], "index": []}
+    for index, instance in enumerate(instances):
+        output = instance["output"]
+        if isinstance(output, list):
+            output = rng.choice(output)
+        if require_outputs and not output.strip():
+            raise DataError(f"{folder / f'{split}.json'}: instance {index} has an empty output")
+        rows["task"].append(task)
+        rows["source"].append(format_prompt(benchmark, definition, instance["input"]))
+        rows["target"].append(output)
+        rows["index"].append(index)
+    return Dataset.from_dict(rows)
+
+
+def load_pseudo_split(gen_data_dir: str | Path, task: str, seed: int = 42) -> Dataset:
+    """Pseudo samples of an earlier task (SPEC 1.3): only the prompts matter, outputs are empty."""
+    return load_split(gen_data_dir, task, "train", seed=seed, require_outputs=False)
+
+
+def carve_dev(train: Dataset, fraction: float = 0.1, seed: int = 42, min_size: int = 1) -> tuple[Dataset, Dataset]:
+    """Clean protocol: hold out part of train (seeded) for model selection, since the released
+    dev files equal the test files (SPEC 6.1)."""
+    size = max(min_size, int(round(len(train) * fraction)))
+    if size >= len(train):
+        raise DataError(f"train split of {train[0]['task']!r} is too small to carve a dev split from")
+    parts = train.train_test_split(test_size=size, seed=seed, shuffle=True)
+    dev = parts["test"].map(lambda _, i: {"index": i}, with_indices=True)
+    return parts["train"], dev

@@ -1,0 +1,188 @@
+"""SaptModel: a stock HuggingFace model whose target projections are wrapped by SaptLinear.
+
+The wrapper owns the router and computes the routing weights once per forward (from the input token
+embeddings) or once per `generate` (from the prompt), then lets the unmodified backbone run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import SaptConfig
+from .layer import RoutingState, SaptLinear
+from .router import Router, max_pool
+
+IGNORE_INDEX = -100
+
+
+def _wrap_projections(backbone: nn.Module, config: SaptConfig, routing: RoutingState) -> int:
+    """Replace every nn.Linear named in config.target_modules with a SaptLinear; return how many."""
+    targets = set(config.target_modules)
+    matches = [
+        (name, module)
+        for name, module in backbone.named_modules()
+        if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)
+    ]
+    for name, module in matches:
+        parent_name, _, child = name.rpartition(".")
+        parent = backbone.get_submodule(parent_name) if parent_name else backbone
+        setattr(parent, child, SaptLinear(module, config.r, config.alpha, config.dropout, routing))
+    return len(matches)
+
+
+class SaptModel(nn.Module):
+    """Backbone + per-task LoRA blocks + router. `forward`/`generate` take the backbone's arguments."""
+
+    # The Trainer then divides the whole loss (CE + ARM) by the accumulation steps, so both terms are
+    # scaled alike (the release scaled only CE; SPEC 2.2).
+    accepts_loss_kwargs = False
+    main_input_name = "input_ids"
+
+    def __init__(self, backbone: nn.Module, config: SaptConfig):
+        super().__init__()
+        self.base_model = backbone
+        self.sapt_config = config
+        self.routing = RoutingState()
+        for param in backbone.parameters():
+            param.requires_grad_(False)
+        if _wrap_projections(backbone, config, self.routing) == 0:
+            raise ValueError(
+                f"no nn.Linear named {config.target_modules} in {type(backbone).__name__}; "
+                "set target_modules to the names of its attention projections"
+            )
+        self.router = None
+        if not config.single_task:
+            device = backbone.get_input_embeddings().weight.device
+            self.router = Router(config.hidden_size, config.query_dim, config.temperature_value()).to(device)
+
+    # ---- HF-facing attributes -------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def generation_config(self):
+        return self.base_model.generation_config
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base_model.get_input_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        # Non-reentrant checkpointing lets the recomputed layers read the routing weights (and pass
+        # gradient to the router) without the weights being an explicit input of each layer.
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError("SAPT needs non-reentrant gradient checkpointing (use_reentrant=False)")
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self.base_model, "is_gradient_checkpointing", False)
+
+    # ---- blocks and tasks -----------------------------------------------------------------------
+    def sapt_layers(self) -> Iterator[tuple[str, SaptLinear]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, SaptLinear):
+                yield name, module
+
+    @property
+    def num_blocks(self) -> int:
+        return next(self.sapt_layers())[1].num_blocks
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.sapt_config.tasks)
+
+    def add_task(self, task: str) -> None:
+        """Add a trainable block (and key) for `task`; everything older stays frozen."""
+        if task in self.sapt_config.tasks:
+            raise ValueError(f"task {task!r} already has a block")
+        if self.sapt_config.single_task and self.num_blocks:
+            raise ValueError("a single-task model holds one block")
+        for _, layer in self.sapt_layers():
+            layer.add_block()
+        if self.router is not None:
+            self.router.add_key()
+            self.router.query_net.requires_grad_(True)  # carried over from the last task, keeps training
+        self.sapt_config.tasks.append(task)
+
+    def freeze_current_task(self) -> None:
+        for _, layer in self.sapt_layers():
+            layer.freeze_block()
+        if self.router is not None:
+            self.router.freeze_key()
+            self.router.query_net.requires_grad_(False)
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+
+    # ---- routing --------------------------------------------------------------------------------
+    def routing_mask(self, attention_mask: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Positions that enter the max-pool: real prompt tokens (never padding or, for decoder-only
+        models, the label tokens appended to the prompt during training)."""
+        if self.sapt_config.pool_padding:
+            mask = None
+        else:
+            mask = attention_mask
+        if labels is not None and not self.sapt_config.is_encoder_decoder:
+            prompt = labels.eq(IGNORE_INDEX)
+            prompt = prompt if mask is None else mask.bool() & prompt
+            # A row trained on its whole sequence (labels == input_ids) has no prompt: pool all of it.
+            has_prompt = prompt.any(dim=1, keepdim=True)
+            fallback = torch.ones_like(prompt) if mask is None else mask.bool()
+            mask = torch.where(has_prompt, prompt, fallback)
+        return mask
+
+    def routing_logits(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) scores <k_j, q(x)> / tau, blocks oldest first. Runs only embeddings -> router."""
+        if self.router is None:
+            raise RuntimeError("a single-task model has no router")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        pooled = max_pool(inputs_embeds, self.routing_mask(attention_mask, labels))  # (B, d)
+        return self.router.logits(pooled)
+
+    def routing_weights(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) routing distribution a(x), blocks oldest first."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        if self.router is None or self.num_blocks == 1:
+            # One block: the softmax has one entry, so a == 1 and the router gets no gradient.
+            return torch.ones(reference.shape[0], 1, device=reference.device)
+        return self.routing_logits(input_ids, attention_mask, labels, inputs_embeds).softmax(dim=-1)
+
+    # ---- running --------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
+        continuing = kwargs.get("past_key_values") is not None or kwargs.get("encoder_outputs") is not None
+        if not continuing and (input_ids is not None or inputs_embeds is not None):
+            self.routing.weights = self.routing_weights(input_ids, attention_mask, labels, inputs_embeds)
+        return self.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds, **kwargs
+        )
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """Route once from the prompt, then decode with the backbone's own `generate`."""
+        self.routing.weights = self.routing_weights(input_ids, attention_mask, inputs_embeds=kwargs.get("inputs_embeds"))
+        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -1,0 +1,68 @@
+"""Shared Attentive Learning & Selection: one routing distribution per input (SPEC 2.1).
+
+    e(x) = max over positions of E(x)
+    q(x) = LayerNorm(SiLU(W_up W_down e(x)))
+    a(x) = softmax_j <k_j, q(x)> / tau
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def max_pool(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, d) -> (B, d), ignoring positions where mask is 0 (pass None to pool over everything)."""
+    if mask is None:
+        return embeddings.amax(dim=1)
+    keep = mask.bool().unsqueeze(-1)
+    lowest = torch.finfo(embeddings.dtype).min
+    return embeddings.masked_fill(~keep, lowest).amax(dim=1)
+
+
+class Router(nn.Module):
+    """Query network shared across tasks plus one key per task (frozen keys oldest first, then the current)."""
+
+    def __init__(self, hidden_size: int, query_dim: int = 100, temperature: float = 1.0):
+        super().__init__()
+        # Index layout (0 down, 1 up, 2 SiLU, 3 LayerNorm) matches the release's `trans_input` state dict.
+        self.query_net = nn.Sequential(
+            nn.Linear(hidden_size, query_dim, bias=False),
+            nn.Linear(query_dim, hidden_size, bias=False),
+            nn.SiLU(),
+            nn.LayerNorm(hidden_size),
+        )
+        self.temperature = temperature
+        self.register_buffer("past_keys", torch.zeros(0, hidden_size))  # (T_old, d)
+        self.key: nn.Parameter | None = None  # (d,), the current task's
+
+    @property
+    def num_keys(self) -> int:
+        return self.past_keys.shape[0] + (self.key is not None)
+
+    def add_key(self) -> None:
+        if self.key is not None:
+            raise RuntimeError("freeze the current key before adding a new one")
+        self.key = nn.Parameter(torch.empty(self.past_keys.shape[1], device=self.past_keys.device).uniform_(-1, 1))
+
+    def freeze_key(self) -> None:
+        if self.key is not None:
+            self.append_frozen_keys(self.key.data[None])
+            self.key = None
+
+    def append_frozen_keys(self, keys: torch.Tensor) -> None:
+        self.past_keys = torch.cat([self.past_keys, keys.to(self.past_keys)])
+
+    def keys(self) -> torch.Tensor:
+        """(T, d), oldest first."""
+        if self.key is None:
+            return self.past_keys
+        return torch.cat([self.past_keys, self.key[None]])
+
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, d) pooled embeddings -> (B, T) attention scores."""
+        query = self.query_net(pooled.to(self.query_net[0].weight.dtype))
+        return query @ self.keys().T / self.temperature
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.logits(pooled).softmax(dim=-1)

@@ -1,0 +1,322 @@
+"""Train and evaluate one task of a continual-learning sequence (SPEC 2.3).
+
+First task of an order, then the next one on top of it:
+
+    python -m sapt.train_task --model_name_or_path tiny_models/t5 --data_dir ../shared/CL_Benchmark \\
+        --task_order task363_sst2_polarity_classification,task875_emotion_classification \\
+        --task task363_sst2_polarity_classification --output_dir logs_and_outputs/demo/outputs/1-task363_sst2_polarity_classification
+    python -m sapt.train_task ... --task task875_emotion_classification \\
+        --previous_task_dir logs_and_outputs/demo/outputs/1-task363_sst2_polarity_classification \\
+        --gen_data_dir ../shared/generated_data/lora_gen_superni_t5 \\
+        --output_dir logs_and_outputs/demo/outputs/2-task875_emotion_classification
+
+Any `Seq2SeqTrainingArguments` flag works too (learning rate, epochs, batch size, bf16, ...).
+Writes into --output_dir the task's artifacts (see sapt.checkpoint), `all_results.json`,
+`predictions/<task>.jsonl` for every task seen so far, and `task_order.txt` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
+
+from .backbone import load_backbone, load_tokenizer
+from .checkpoint import (
+    LINEAGE_FILE,
+    CheckpointError,
+    load_routing_mean,
+    restore_model,
+    save_routing_mean,
+    save_task_artifacts,
+)
+from .collators import Collator
+from .config import SaptConfig, release_temperature
+from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of, carve_dev, load_pseudo_split, load_split
+from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .metrics import compute_metrics
+from .model import SaptModel
+from .reflection import AttentiveReflection
+from .trainer import KeepBestTrainable, SaptTrainer
+
+logger = logging.getLogger("sapt")
+
+COMPLETE_FILE = "task_complete.json"
+
+# The release's training settings that differ from the Trainer's defaults (SPEC 4).
+RELEASE_DEFAULTS = {
+    "lr_scheduler_type": "constant",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "remove_unused_columns": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "generation_max_length": 50,
+    "logging_steps": 10,
+}
+
+
+@dataclass
+class SaptArguments:
+    model_name_or_path: str = field(metadata={"help": "Backbone: a local folder or a hub name."})
+    task_order: str = field(metadata={"help": "All tasks of the sequence, comma-separated."})
+    task: str = field(metadata={"help": "The task this process trains (one of --task_order)."})
+    data_dir: str = field(default="CL_Benchmark", metadata={"help": "Root holding SuperNI/ and Long_Sequence/."})
+    previous_task_dir: str | None = field(
+        default=None, metadata={"help": "Output folder of the preceding task (required after the first task)."}
+    )
+    gen_data_dir: str | None = field(
+        default=None, metadata={"help": "Pseudo-sample root for ARM, e.g. generated_data/lora_gen_superni_t5."}
+    )
+    lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    target_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated projection names; default per family (q,v / q_proj,v_proj)."}
+    )
+    kl_ratio: float = field(default=0.5, metadata={"help": "λ, the weight of the ARM (KL) loss."})
+    no_reflection: bool = field(default=False, metadata={"help": "Train without ARM (no pseudo data needed)."})
+    attn_temperature: float = field(default=1, metadata={"help": "The release's temperature flag (1 -> sqrt(d))."})
+    pool_padding: bool = field(
+        default=False, metadata={"help": "Max-pool over padding too, as the release (batch-dependent routing)."}
+    )
+    query_dim: int = field(default=100, metadata={"help": "Bottleneck width of the query network."})
+    router_learning_rate: float | None = field(default=None, metadata={"help": "Own learning rate for the query network."})
+    single_task: bool = field(default=False, metadata={"help": "One plain LoRA on this task alone (for FWT)."})
+    protocol: str = field(
+        default="paper", metadata={"help": "paper: released dev files; clean: dev carved from train.", "choices": ["paper", "clean"]}
+    )
+    max_source_length: int = field(default=512, metadata={"help": "Prompt tokens kept."})
+    max_target_length: int = field(default=50, metadata={"help": "Label tokens kept."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on dev examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Cap on test examples per task."})
+
+
+class UsageError(ValueError):
+    """A mistake in the command line (reported in one line, exit status 2)."""
+
+
+def parse_order(args: SaptArguments) -> tuple[list[str], int]:
+    order = [t.strip() for t in args.task_order.split(",") if t.strip()]
+    if not order:
+        raise UsageError("--task_order is empty")
+    repeated = sorted({t for t in order if order.count(t) > 1})
+    if repeated:
+        raise UsageError(f"--task_order repeats {', '.join(repeated)}")
+    if args.task not in order:
+        raise UsageError(f"--task {args.task!r} is not in --task_order")
+    return order, order.index(args.task)
+
+
+def build_model(args: SaptArguments, backbone, seen: list[str]) -> tuple[SaptModel, list[Path]]:
+    """The model for the current task and the folders of the earlier tasks (oldest first)."""
+    is_encoder_decoder = bool(backbone.config.is_encoder_decoder)
+    wanted = SaptConfig.for_backbone(
+        backbone,
+        args.model_name_or_path,
+        target_modules=args.target_modules.split(",") if args.target_modules else [],
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        query_dim=args.query_dim,
+        temperature=release_temperature(args.attn_temperature, is_encoder_decoder),
+        pool_padding=args.pool_padding,
+        single_task=args.single_task,
+    )
+    earlier_dirs: list[Path] = []
+    if args.single_task or len(seen) == 1:
+        model = SaptModel(backbone, wanted)
+    else:
+        if not args.previous_task_dir:
+            raise UsageError(f"--previous_task_dir is required for task {len(seen)} of the order")
+        previous = Path(args.previous_task_dir)
+        found = SaptConfig.load(previous)
+        check_compatible(previous, found, wanted, seen[:-1])
+        model = restore_model(backbone, previous, found)
+        lineage = restore_lineage(previous)
+        earlier_dirs = [(previous / d).resolve() for d in lineage]
+    model.add_task(seen[-1])
+    return model, earlier_dirs
+
+
+def check_compatible(folder: Path, found: SaptConfig, wanted: SaptConfig, earlier: list[str]) -> None:
+    if found.tasks != earlier:
+        raise CheckpointError(f"{folder}: holds tasks {found.tasks}, but the order needs {earlier} before this task")
+    for name in ("model_type", "hidden_size", "target_modules", "r", "is_encoder_decoder", "single_task"):
+        if getattr(found, name) != getattr(wanted, name):
+            raise CheckpointError(
+                f"{folder}: made with {name}={getattr(found, name)!r}, this run has {getattr(wanted, name)!r}"
+            )
+    if not (folder / COMPLETE_FILE).is_file():
+        raise CheckpointError(f"{folder}: task did not finish (no {COMPLETE_FILE}); run it again first")
+
+
+def restore_lineage(folder: Path) -> list[str]:
+    return [entry["dir"] for entry in json.loads((folder / LINEAGE_FILE).read_text())["blocks"]]
+
+
+def decode(tokenizer, token_ids: np.ndarray) -> list[str]:
+    token_ids = np.where(token_ids < 0, tokenizer.pad_token_id, token_ids)
+    return [text.strip() for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def mean_routing(model: SaptModel, dataset, collator: Collator, batch_size: int) -> list[float]:
+    """Mean routing distribution over the examples of `dataset`, oldest block first."""
+    model.eval()
+    total, count = None, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
+        weights = model.routing_weights(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+        total = weights.sum(0) if total is None else total + weights.sum(0)
+        count += weights.shape[0]
+    return (total / count).tolist()
+
+
+def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
+    order, position = parse_order(args)
+    seen = order[: position + 1]
+    if args.single_task:
+        seen = [args.task]
+    output_dir = Path(training_args.output_dir)
+    benchmark = benchmark_of(args.data_dir, args.task)
+    metric = METRIC_OF_BENCHMARK[benchmark]
+    set_seed(training_args.seed)
+
+    hf_config = AutoConfig.from_pretrained(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
+    backbone = load_backbone(args.model_name_or_path)
+    model, earlier_dirs = build_model(args, backbone, seen)
+    is_encoder_decoder = model.sapt_config.is_encoder_decoder
+    logger.info("task %d/%d %s: %d blocks, %d trainable parameters", position + 1, len(order), args.task,
+                model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()))
+
+    # ---- data ---------------------------------------------------------------------------------
+    seed = training_args.seed
+    train = load_split(args.data_dir, args.task, "train", seed, args.max_train_samples)
+    if args.protocol == "clean":
+        train, dev = carve_dev(train, seed=seed)
+    else:
+        dev = load_split(args.data_dir, args.task, "dev", seed)
+    if args.max_eval_samples is not None:
+        dev = dev.select(range(min(args.max_eval_samples, len(dev))))
+    tests = {t: load_split(args.data_dir, t, "test", seed, args.max_predict_samples) for t in seen}
+
+    lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
+    train_collator = Collator(tokenizer, is_encoder_decoder, **lengths)
+    generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True)
+
+    reflection = None
+    earlier = seen[:-1]
+    if earlier and not args.no_reflection and args.kl_ratio > 0:
+        if not args.gen_data_dir:
+            raise UsageError("--gen_data_dir is required for ARM after the first task (or pass --no_reflection)")
+        pseudo = [load_pseudo_split(args.gen_data_dir, t, seed) for t in earlier]
+        means = [load_routing_mean(d) for d in earlier_dirs]
+        reflection = AttentiveReflection(
+            pseudo, means, generation_collator, training_args.per_device_train_batch_size, model.num_blocks
+        )
+
+    # ---- training with model selection on dev ---------------------------------------------------
+    dev_references = dev["target"]
+
+    def dev_metrics(prediction) -> dict:
+        texts = decode(tokenizer, prediction.predictions)
+        references = [dev_references[i] for i in prediction.label_ids.reshape(-1)]
+        return compute_metrics(texts, references)
+
+    generation_kwargs = {
+        "max_new_tokens": training_args.generation_max_length or 50,
+        "num_beams": training_args.generation_num_beams or 1,
+        "do_sample": False,
+    }
+    trainer = SaptTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=dev,
+        data_collator=train_collator,
+        generation_collator=generation_collator,
+        compute_metrics=dev_metrics,
+        reflection=reflection,
+        kl_weight=args.kl_ratio,
+        router_learning_rate=args.router_learning_rate,
+        generation_kwargs=generation_kwargs,
+    )
+    selection = KeepBestTrainable(model, metric)
+    trainer.add_callback(selection)
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if training_args.eval_strategy != "no" and selection.last_eval_step != trainer.state.global_step:
+        trainer.evaluate()
+    selection.restore()
+    model.freeze_current_task()
+
+    # ---- artifacts, ā, predictions --------------------------------------------------------------
+    results = dict(train_result.metrics)
+    if selection.best_score is not None:
+        results[f"best_eval_{metric}"] = selection.best_score
+        results["best_step"] = selection.best_step
+    if trainer.is_world_process_zero():
+        block_dirs = [os.path.relpath(d, output_dir.resolve()) for d in earlier_dirs] + ["."]
+        save_task_artifacts(model, output_dir, block_dirs)
+        save_routing_mean(output_dir, model.tasks, mean_routing(model, dev, generation_collator, training_args.per_device_eval_batch_size))
+
+    routing_report = {"tasks": model.tasks, "mean_weights": {}}
+    per_task = []
+    for task, test in tests.items():
+        logger.info("predicting %s (%d examples)", task, len(test))
+        output = trainer.predict(test)
+        texts = decode(tokenizer, output.predictions)
+        order_in_split = output.label_ids.reshape(-1)
+        references = [test[int(i)]["target"] for i in order_in_split]
+        scores = compute_metrics(texts, references)
+        per_task.append(scores)
+        results[f"predict_exact_match_for_{task}"] = scores["exact_match"]
+        results[f"predict_eval_rougeL_for_{task}"] = scores["rougeL"]
+        if trainer.is_world_process_zero():
+            records = [
+                {"index": int(i), "target": ref, "prediction": text}
+                for i, ref, text in zip(order_in_split, references, texts)
+            ]
+            write_jsonl_atomic(output_dir / "predictions" / f"{task}.jsonl", records)
+        if not args.single_task:
+            routing_report["mean_weights"][task] = mean_routing(
+                model, test, generation_collator, training_args.per_device_eval_batch_size
+            )
+    results["predict_exact_match"] = round(sum(s["exact_match"] for s in per_task) / len(per_task), 4)
+    results["predict_eval_rougeL"] = round(sum(s["rougeL"] for s in per_task) / len(per_task), 4)
+
+    if trainer.is_world_process_zero():
+        if not args.single_task:
+            write_json_atomic(output_dir / "routing_weights.json", routing_report)
+        write_json_atomic(output_dir / "all_results.json", results)
+        write_text_atomic(output_dir.parent / "task_order.txt", ",".join(order) + "\n")
+        # Written last: later tasks accept this folder only when it is there.
+        write_json_atomic(output_dir / COMPLETE_FILE, {"task": args.task, "position": position + 1, "tasks": model.tasks})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
+    parser.set_defaults(**RELEASE_DEFAULTS)
+    sapt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        results = run(sapt_args, training_args)
+    except (UsageError, DataError, CheckpointError) as err:
+        print(f"sapt.train_task: error: {err}", file=sys.stderr)
+        return 2
+    logger.info("done: %s", {k: v for k, v in results.items() if k.startswith("predict_")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""SaptTrainer: the stock Trainer plus the ARM loss, a router learning rate, generation for
+evaluation, and light checkpoints holding only what trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+
+from .io import save_tensors_atomic
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class SaptTrainer(Trainer):
+    def __init__(
+        self,
+        *args,
+        generation_collator=None,
+        reflection=None,
+        kl_weight: float = 0.0,
+        router_learning_rate: float | None = None,
+        generation_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.generation_collator = generation_collator
+        self.reflection = reflection
+        self.kl_weight = kl_weight
+        self.router_learning_rate = router_learning_rate
+        self.generation_kwargs = generation_kwargs or {}
+
+    # ---- loss ---------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training and self.reflection is not None and self.kl_weight:
+            kl = self.reflection.loss(self.accelerator.unwrap_model(model))
+            loss = loss + self.kl_weight * kl
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.router_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        router, others = [], []
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                (router if name.startswith("router.query_net.") else others).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        groups = [
+            {"params": others, "weight_decay": self.args.weight_decay},
+            {"params": router, "weight_decay": self.args.weight_decay, "lr": self.router_learning_rate},
+        ]
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- evaluation by generation --------------------------------------------------------------
+    def _generation_dataloader(self, build, dataset):
+        collator, self.data_collator = self.data_collator, self.generation_collator
+        try:
+            return build(dataset)
+        finally:
+            self.data_collator = collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._generation_dataloader(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._generation_dataloader(super().get_test_dataloader, test_dataset)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Greedy (or configured) decoding; returns (None, generated ids, example indices)."""
+        inputs = self._prepare_inputs(inputs)
+        index = inputs.pop("example_index")
+        sapt_model = self.accelerator.unwrap_model(model)
+        generated = sapt_model.generate(**inputs, **self.generation_kwargs)
+        if not sapt_model.config.is_encoder_decoder:
+            generated = generated[:, inputs["input_ids"].shape[1] :]  # keep only the new tokens
+        return None, generated, index
+
+    # ---- light checkpoints: only trainable tensors --------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = Path(output_dir or self.args.output_dir)
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
+            save_tensors_atomic(output_dir / TRAINABLE_FILE, tensors)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        model = self.accelerator.unwrap_model(model or self.model)
+        tensors = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+
+
+class KeepBestTrainable(TrainerCallback):
+    """Model selection by a dev metric: snapshot the trainable tensors whenever the metric improves
+    (earliest wins ties), and put the best snapshot back with `restore()`."""
+
+    def __init__(self, model, metric: str):
+        self.model = model
+        self.metric_key = f"eval_{metric}"
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.last_eval_step: int | None = None
+        self._snapshot: dict[str, torch.Tensor] | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.last_eval_step = state.global_step
+        score = (metrics or {}).get(self.metric_key)
+        if score is None:
+            return
+        if self.best_score is None or score > self.best_score:
+            self.best_score, self.best_step = score, state.global_step
+            self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def restore(self) -> None:
+        if self._snapshot is None:
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self._snapshot.items():
+                params[name].copy_(value)

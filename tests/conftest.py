@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny backbones built from a config (random weights, no tokenizer, no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+BENCHMARK = SHARED / "CL_Benchmark"
+VOCAB = 96
+
+
+def make_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0,
+    )
+    return T5ForConditionalGeneration(config).eval()
+
+
+def make_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+BACKBONES = {"t5": make_t5, "llama": make_llama}
+
+
+@pytest.fixture(params=sorted(BACKBONES))
+def family(request) -> str:
+    return request.param
+
+
+def requires_benchmark():
+    return pytest.mark.skipif(not BENCHMARK.is_dir(), reason=f"released benchmark not found at {BENCHMARK}")
