@@ -106,6 +106,13 @@ def load_routing_mean(task_dir: str | Path) -> list[float]:
 
 
 # ---- loading ------------------------------------------------------------------------------------
+def load_config(task_dir: str | Path) -> SaptConfig:
+    try:
+        return SaptConfig.load(task_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(str(err)) from None
+
+
 def resolve_task_dir(path: str | Path) -> Path:
     """A task folder itself, or a run's `outputs` folder (then its latest task folder)."""
     path = Path(path)
@@ -125,10 +132,17 @@ def resolve_task_dir(path: str | Path) -> Path:
 def restore_model(backbone, task_dir: str | Path, config: SaptConfig | None = None) -> SaptModel:
     """Wrap `backbone` and load every block, the keys and the query network of `task_dir`, all frozen."""
     task_dir = Path(task_dir)
-    config = config or SaptConfig.load(task_dir)
+    config = config or load_config(task_dir)
     lineage = _read_json(task_dir / LINEAGE_FILE).get("blocks", [])
     if [entry.get("task") for entry in lineage] != config.tasks:
         raise CheckpointError(f"{task_dir / LINEAGE_FILE}: blocks do not match the tasks {config.tasks}")
+    model_type = backbone.config.model_type
+    hidden = backbone.get_input_embeddings().embedding_dim
+    if (model_type, hidden) != (config.model_type, config.hidden_size):
+        raise CheckpointError(
+            f"{task_dir}: made for a {config.model_type} backbone of width {config.hidden_size}, "
+            f"not this {model_type} of width {hidden}"
+        )
     finished_tasks = list(config.tasks)
     config = SaptConfig.from_dict({**config.to_dict(), "tasks": []})
     model = SaptModel(backbone, config)
@@ -174,7 +188,7 @@ def load_checkpoint(path: str | Path, backbone=None, dtype: torch.dtype | None =
     task's block loaded, in eval mode. The backbone is loaded from the recorded path unless given
     (or unless SAPT_BASE_MODEL overrides where it lives)."""
     task_dir = resolve_task_dir(path)
-    config = SaptConfig.load(task_dir)
+    config = load_config(task_dir)
     if backbone is None:
         backbone = load_backbone(os.environ.get("SAPT_BASE_MODEL", config.base_model_name_or_path), dtype)
     model = restore_model(backbone, task_dir, config)

@@ -74,20 +74,23 @@ class SaptModel(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        # Non-reentrant checkpointing lets the recomputed layers read the routing weights (and pass
-        # gradient to the router) without the weights being an explicit input of each layer.
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Gradient (activation) checkpointing of the backbone's layers. Non-reentrant checkpointing lets
+        the recomputed layers read the routing weights, and pass gradient to the router, without the
+        weights being an explicit input of each layer."""
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:
-            raise ValueError("SAPT needs non-reentrant gradient checkpointing (use_reentrant=False)")
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            raise ValueError("SAPT needs non-reentrant checkpointing (use_reentrant=False)")
+        self.base_model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        self.base_model.activation_checkpointing_disable()
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.base_model, "is_gradient_checkpointing", False)
+    def is_activation_checkpointing(self) -> bool:
+        return self.base_model.is_activation_checkpointing
 
     # ---- blocks and tasks -----------------------------------------------------------------------
     def sapt_layers(self) -> Iterator[tuple[str, SaptLinear]]:

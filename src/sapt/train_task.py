@@ -33,6 +33,7 @@ from .backbone import load_backbone, load_tokenizer
 from .checkpoint import (
     LINEAGE_FILE,
     CheckpointError,
+    load_config,
     load_routing_mean,
     restore_model,
     save_routing_mean,
@@ -139,7 +140,7 @@ def build_model(args: SaptArguments, backbone, seen: list[str]) -> tuple[SaptMod
         if not args.previous_task_dir:
             raise UsageError(f"--previous_task_dir is required for task {len(seen)} of the order")
         previous = Path(args.previous_task_dir)
-        found = SaptConfig.load(previous)
+        found = load_config(previous)
         check_compatible(previous, found, wanted, seen[:-1])
         model = restore_model(backbone, previous, found)
         lineage = restore_lineage(previous)

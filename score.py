@@ -1,0 +1,365 @@
+#!/usr/bin/env python
+"""Score a continual-learning run: AP, F.Ra, FWT, BWT from ``logs_and_outputs/<run>/outputs``.
+
+    python score.py RUN [SINGLE_RUN] [--root logs_and_outputs] [--metric auto|rougeL|exact_match]
+                    [--results_dir results] [--compare RUN ...]
+
+A thin front over ``sapt.cl_metrics``: prints the score matrix and the metrics, and writes
+``<results_dir>/<run>.txt``, ``<run>.json``, ``<run>_matrix.png`` (and ``<run>_routing.png`` when the
+last task folder holds ``routing_weights.json``). ``--compare`` prints one summary row per run instead.
+Any error is one line ``score.py: error: ...`` on stderr with exit code 2, and no output file is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sapt.cl_metrics import (
+    KEY_PREFIX,
+    METRICS,
+    RELEASE_FWT_CONSTANT,
+    ScoreError,
+    align_single_scores,
+    is_superni_task,
+    metric_for_task,
+    read_run,
+    read_single_run,
+    read_task_order,
+    summarize,
+)
+
+PROG = "score.py"
+ROUTING_FILE = "routing_weights.json"
+logger = logging.getLogger(PROG)
+
+
+class UsageError(Exception):
+    """Bad command line; reported like every other error (one line, exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print the usage block too; the contract is a single error line.
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Score a continual-learning run (AP, F.Ra, FWT, BWT).")
+    p.add_argument("run", nargs="?", metavar="RUN", help="run name under --root, or a run/outputs directory")
+    p.add_argument("single_run", nargs="?", metavar="SINGLE_RUN", help="single-task run (each task alone) for FWT")
+    p.add_argument("--root", default="logs_and_outputs", help="where run names are looked up")
+    p.add_argument("--metric", default="auto", choices=METRICS, help="auto: ROUGE-L for SuperNI, EM otherwise")
+    p.add_argument("--results_dir", default="results", help="where the report files are written")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="print one summary row per run (RUN first)")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------
+# Locating runs
+
+
+def _safe_name(name: str) -> str:
+    """A run name usable as a file name (run names may contain path separators)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
+
+
+def resolve_run(run: str, root: str | Path) -> tuple[str, Path]:
+    """(display name, outputs dir) for a run name under root or an existing run/outputs directory."""
+    named = Path(root) / run / "outputs"
+    if not Path(run).is_absolute() and named.is_dir():  # an absolute RUN would discard root anyway
+        return _safe_name(run), named
+    path = Path(run)
+    if path.is_dir():
+        if (path / "outputs").is_dir():
+            return _safe_name(path.resolve().name), path / "outputs"
+        resolved = path.resolve()
+        name = resolved.parent.name if resolved.name == "outputs" else resolved.name
+        return _safe_name(name), path
+    raise ScoreError(f"run {run!r} not found (no directory {named} and no directory {path})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text
+
+
+def _fmt(value: float | None, missing: str = "n/a") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def abbreviate(tasks: list[str], width: int = 12) -> list[str]:
+    """Short, unique column labels: 'task363' for SuperNI names, the name cut to `width` otherwise."""
+    short = []
+    for task in tasks:
+        if is_superni_task(task):
+            short.append(task.split("_", 1)[0])
+        else:
+            short.append(task if len(task) <= width else task[: width - 1] + "~")
+    if len(set(short)) != len(short):  # collisions after cutting: prefix the position to disambiguate
+        short = [f"{i}:{s}" for i, s in enumerate(short, start=1)]
+    return short
+
+
+def format_matrix(tasks: list[str], matrix: np.ndarray) -> list[str]:
+    labels = abbreviate(tasks)
+    rows = [f"after task {i}" for i in range(1, len(tasks) + 1)]
+    head_w = max(len(r) for r in rows)
+    col_w = max(7, *(len(label) for label in labels))
+    lines = [" " * head_w + "".join(f"  {label:>{col_w}}" for label in labels)]
+    for i, row in enumerate(rows):
+        cells = "".join(f"  {_fmt(matrix[i, j], '-'):>{col_w}}" for j in range(len(tasks)))
+        lines.append(f"{row:<{head_w}}{cells}")
+    renamed = [f"{s} = {t}" for s, t in zip(labels, tasks) if s != t]
+    if renamed:
+        lines.append("columns: " + ", ".join(renamed))
+    return lines
+
+
+def format_report(
+    run: str,
+    outputs: Path,
+    tasks: list[str],
+    matrix: np.ndarray,
+    metric_name: str,
+    summary: dict,
+    single_name: str | None,
+    warnings: list[str],
+) -> str:
+    t = summary["T"]
+    undefined = "n/a (undefined for T=1)"
+    lines = [f"run: {run}", f"outputs: {outputs}", f"metric: {metric_name}", f"tasks scored: {t}"]
+    lines += [f"warning: {w}" for w in warnings]
+    lines += ["", "score matrix (row: after training task i; column: task evaluated)"]
+    lines += format_matrix(tasks, matrix)
+    lines += ["", f"AP   = {_fmt(summary['AP'])}", f"F.Ra = {_fmt(summary['F.Ra'], undefined)}"]
+    if single_name is not None:
+        lines.append(f"FWT  = {_fmt(summary['FWT'])}  (single-task run: {single_name})")
+    lines.append(f"BWT  = {_fmt(summary['BWT'], undefined)}")
+    lines += [
+        "",
+        "release-compatible only (reproduce the official release's numbers; not the definitions above):",
+        f"bwt_release = {_fmt(summary['bwt_release'])}  (sum_(j<T) (a_T,j - a_j,j) / T)",
+        f"fwt_release = {_fmt(summary['fwt_release'])}  (mean_j (a_j,j - {RELEASE_FWT_CONSTANT}), the release's constant)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+
+
+def render_heatmap(data: np.ndarray, rows: list[str], cols: list[str], title: str, vmax: float, label: str) -> bytes:
+    """PNG bytes of an annotated heatmap; rendered in memory so a failure leaves no file behind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = data.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n_cols + 2.5), max(3.0, 0.5 * n_rows + 1.8)))
+    try:
+        masked = np.ma.masked_invalid(data)
+        image = ax.imshow(masked, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+        fig.colorbar(image, ax=ax, label=label)
+        ax.set_xticks(range(n_cols), labels=cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n_rows), labels=rows, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if n_rows * n_cols <= 400:  # numbers stay legible only on small grids
+            for (i, j), value in np.ndenumerate(data):
+                if np.isfinite(value):
+                    text = f"{value:.2f}"
+                    colour = "black" if value > 0.6 * vmax else "white"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
+
+
+def read_routing(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """(block task names, eval task names, eval x block mean routing weights) from SAPT's JSON."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScoreError(f"{path}: cannot read ({type(exc).__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise ScoreError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not isinstance(data.get("mean_weights"), dict):
+        raise ScoreError(f"{path}: expected an object with a 'tasks' list and a 'mean_weights' object")
+    blocks = [str(b) for b in data["tasks"]]
+    if not blocks or not data["mean_weights"]:
+        raise ScoreError(f"{path}: no blocks or no evaluated tasks")
+    evals, rows = [], []
+    for task, weights in data["mean_weights"].items():
+        ok = isinstance(weights, list) and len(weights) == len(blocks)
+        ok = ok and all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)
+        if not ok:
+            raise ScoreError(f"{path}: mean_weights[{task!r}] must be {len(blocks)} finite numbers, one per block")
+        evals.append(task)
+        rows.append([float(w) for w in weights])
+    return blocks, evals, np.asarray(rows, dtype=float)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_files_atomic(files: dict[Path, bytes]) -> None:
+    """Write every file under a temporary name first, then rename them all into place."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, payload in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(payload)
+            os.chmod(tmp, 0o644)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_number(value):
+    return None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+
+
+def score_run(args) -> None:
+    run_name, outputs = resolve_run(args.run, args.root)
+    warnings: list[str] = []
+    tasks, matrix, metric_name = read_run(outputs, args.metric, warnings_out=warnings)
+    order = read_task_order(outputs)
+
+    single_name, single_scores = None, None
+    if args.single_run is not None:
+        single_name, single_outputs = resolve_run(args.single_run, args.root)
+        single_map = read_single_run(single_outputs, args.metric, warnings_out=warnings)
+        single_scores = align_single_scores(tasks, single_map, single_outputs)
+    summary = summarize(matrix, single_scores)
+
+    text = format_report(run_name, outputs, tasks, matrix, metric_name, summary, single_name, warnings)
+    labels = abbreviate(tasks)
+    record = {
+        "run": run_name,
+        "outputs_dir": str(outputs),
+        "metric": metric_name,
+        "metric_keys": {t: KEY_PREFIX[metric_for_task(t, args.metric)] + t for t in tasks},
+        "task_names": tasks,
+        "task_order": order,
+        "complete": len(tasks) == len(order),
+        "matrix": [[_json_number(float(v)) for v in row] for row in matrix],
+        "single_run": single_name,
+        "single_task_scores": single_scores,
+        "metrics": {k: summary[k] for k in ("T", "AP", "F.Ra", "FWT", "BWT")},
+        "release_compatible_only": {
+            "note": "reproduce the official release's numbers; not the AP/F.Ra/FWT/BWT definitions",
+            "bwt_release": summary["bwt_release"],
+            "fwt_release": summary["fwt_release"],
+            "fwt_release_constant": RELEASE_FWT_CONSTANT,
+        },
+        "warnings": warnings,
+    }
+
+    results = Path(args.results_dir)
+    files = {
+        results / f"{run_name}.txt": text.encode("utf-8"),
+        results / f"{run_name}.json": (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+        results / f"{run_name}_matrix.png": render_heatmap(
+            matrix, [f"after task {i}" for i in range(1, len(tasks) + 1)], labels,
+            f"{run_name}: score matrix ({metric_name})", 100.0, metric_name,
+        ),
+    }
+    routing_png = results / f"{run_name}_routing.png"
+    routing_path = outputs / f"{len(tasks)}-{tasks[-1]}" / ROUTING_FILE
+    if routing_path.is_file():
+        blocks, evals, weights = read_routing(routing_path)
+        vmax = max(1.0, float(np.max(weights)))
+        files[routing_png] = render_heatmap(
+            weights, abbreviate(evals), abbreviate(blocks),
+            f"{run_name}: mean routing weight (rows: eval task, columns: block)", vmax, "mean weight",
+        )
+
+    write_files_atomic(files)
+    if routing_png not in files and routing_png.exists():
+        routing_png.unlink()  # a stale figure from an earlier scoring of this run would mislead
+    sys.stdout.write(text)
+    logger.info("wrote %s", ", ".join(str(p) for p in files))
+
+
+def compare_runs(args) -> None:
+    runs = ([args.run] if args.run is not None else []) + list(args.compare)
+    single_map, single_outputs = None, None
+    if args.single_run is not None:
+        _, single_outputs = resolve_run(args.single_run, args.root)
+        single_map = read_single_run(single_outputs, args.metric)
+
+    rows = []
+    for run in runs:
+        name, outputs = resolve_run(run, args.root)
+        tasks, matrix, metric_name = read_run(outputs, args.metric)
+        single = None
+        if single_map is not None:
+            try:
+                single = align_single_scores(tasks, single_map, single_outputs)
+            except ScoreError as exc:  # one run outside the single-task run's tasks should not sink the table
+                logger.warning("%s: no FWT: %s", name, exc)
+        s = summarize(matrix, single)
+        total = len(read_task_order(outputs))
+        t = str(s["T"]) if s["T"] == total else f"{s['T']}/{total}"
+        rows.append([name, metric_name, _fmt(s["AP"]), _fmt(s["F.Ra"]), _fmt(s["FWT"]), _fmt(s["BWT"]), t])
+
+    header = ["run", "metric", "AP", "F.Ra", "FWT", "BWT", "T"]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, *rows]:
+        cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [v.rjust(w) for v, w in zip(r[2:], widths[2:])]
+        print("  ".join(cells).rstrip())
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_Formatter())
+        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    try:
+        args = build_parser().parse_args(argv)
+        if args.compare:
+            compare_runs(args)
+        elif args.run is None:
+            raise UsageError("the following arguments are required: RUN (or --compare RUN ...)")
+        else:
+            score_run(args)
+    except (UsageError, ScoreError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        if isinstance(exc, OSError):
+            message = f"{exc.strerror or type(exc).__name__}: {exc.filename or message}"
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Build a tiny, randomly initialised T5 or LLaMA with a locally trained tokenizer, fully offline.
+
+Tests and smoke runs need a real HuggingFace checkpoint directory (model + tokenizer + generation
+config) without any download. This module trains a byte-level BPE on the benchmark's own text and
+saves a small model of the requested family beside it, so every stock loader works on it:
+
+    python -m sapt.tiny --family t5 --out /tmp/tiny-t5
+    python -m sapt.tiny --family llama --out /tmp/tiny-llama --vocab_size 2000 --seed 0
+
+Building is idempotent (settings are recorded in ``tiny_model.json``) and atomic (the model is
+written to a temporary directory beside the target, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("t5", "llama")
+SETTINGS_FILE = "tiny_model.json"
+# Bump when the build recipe changes, so old directories are rebuilt instead of reused.
+FORMAT_VERSION = 1
+# Files whose presence (with a matching SETTINGS_FILE, written last) marks a directory as complete.
+REQUIRED_FILES = (
+    "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+)
+MAX_INSTANCES_PER_TASK = 200
+MODEL_MAX_LENGTH = 2048
+PROMPT_WORDS = ("Definition", "Now complete the following example", "Input", "Output")
+
+# Special tokens in id order: their position in the list is their id.
+SPECIAL_TOKENS = {
+    "t5": ["<pad>", "</s>", "<unk>"],          # pad=0, eos=1, unk=2 (as T5)
+    "llama": ["<unk>", "<s>", "</s>", "<pad>"],  # unk=0, bos=1, eos=2, pad=3 (LLaMA plus its own pad)
+}
+
+
+def default_data_dir() -> Path | None:
+    """The shared benchmark beside the repository, else ``$SAPT_DATA_DIR``; None when neither exists."""
+    beside_repo = Path(__file__).resolve().parents[2].parent / "shared" / "CL_Benchmark"
+    if beside_repo.is_dir():
+        return beside_repo
+    env = os.environ.get("SAPT_DATA_DIR")
+    if env and Path(env).is_dir():
+        return Path(env)
+    return None
+
+
+def _builtin_corpus() -> list[str]:
+    """A small deterministic English corpus, so the builder works when no benchmark is present."""
+    subjects = ["The review", "This movie", "The question", "A student", "The answer", "Our team", "The story"]
+    verbs = ["describes", "asks about", "explains", "mentions", "contradicts", "supports", "summarizes"]
+    objects = [
+        "the main idea of the paragraph", "a positive sentiment", "a negative opinion", "the relation between "
+        "two entities", "what happened next", "the correct option", "a short summary of the dialogue",
+    ]
+    labels = ["positive", "negative", "neutral", "entailment", "contradiction", "yes", "no", "True", "False"]
+    lines = []
+    for i, subject in enumerate(subjects):
+        for j, verb in enumerate(verbs):
+            obj = objects[(i + j) % len(objects)]
+            label = labels[(i * len(verbs) + j) % len(labels)]
+            lines.append(f"{subject} {verb} {obj}. Is it correct? Answer: {label}.")
+            lines.append(f"Question: Why does {subject.lower()} {verb} {obj}?\nOutput: {label} (score {i * j}/10)")
+    return lines
+
+
+def _task_texts(train_json: Path) -> list[str]:
+    """Definitions plus the first instances' inputs and outputs of one task."""
+    data = json.loads(train_json.read_text(encoding="utf-8"))
+    texts = [d for d in data.get("Definition") or [] if isinstance(d, str)]
+    for instance in (data.get("Instances") or [])[:MAX_INSTANCES_PER_TASK]:
+        texts.append(str(instance.get("input", "")))
+        output = instance.get("output", "")
+        texts.extend(output if isinstance(output, list) else [output])
+    return [t for t in texts if isinstance(t, str) and t]
+
+
+def find_benchmark(data_dir: str | Path | None) -> tuple[list[Path], str]:
+    """The benchmark's train.json files (sorted, so the corpus is deterministic) and a source label.
+
+    The label is recorded in the settings: a model trained on other text is a different model.
+    """
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    files = sorted(root.glob("*/*/train.json")) if root is not None and root.is_dir() else []
+    if not files:
+        logger.warning("no benchmark found at %s; training the tokenizer on the built-in corpus", root)
+        return [], "builtin"
+    return files, str(root.resolve())
+
+
+def load_corpus(files: list[Path]) -> list[str]:
+    """Training text for the tokenizer: the benchmark's (or the built-in) text plus the prompt words."""
+    texts = [t for f in files for t in _task_texts(f)] if files else _builtin_corpus()
+    logger.info("tokenizer corpus: %d texts from %d tasks", len(texts), len(files))
+    prompt = "Definition: {}\n\nNow complete the following example -\nInput: {}\nOutput: {}"
+    texts.append(prompt.format("Classify the text.", "Some text.", "positive"))
+    texts.extend(PROMPT_WORDS)
+    return texts
+
+
+def train_tokenizer(family: str, texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (nothing is ever unknown) with the family's special tokens and post-processor."""
+    specials = SPECIAL_TOKENS[family]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    ids = {tok: tokenizer.token_to_id(tok) for tok in specials}
+    assert ids == {tok: i for i, tok in enumerate(specials)}, ids
+
+    if family == "t5":
+        # T5 appends </s> to every sequence.
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=[("</s>", ids["</s>"])],
+        )
+        extra = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>", padding_side="right")
+    else:
+        # LLaMA prepends <s>; left padding keeps generated tokens adjacent to the prompt.
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", ids["<s>"])],
+        )
+        extra = dict(
+            bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", padding_side="left",
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=MODEL_MAX_LENGTH, **extra)
+
+
+def build_model(family: str, vocab_size: int, d_model: int, num_layers: int, seed: int):
+    """A randomly initialised model; seeding first makes the weights a function of the settings."""
+    torch.manual_seed(seed)
+    if family == "t5":
+        config = T5Config(
+            vocab_size=vocab_size, d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+            num_layers=num_layers, num_decoder_layers=num_layers, num_heads=4,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        )
+        model = T5ForConditionalGeneration(config)
+        generation = GenerationConfig(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    else:
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
+            num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+            bos_token_id=1, eos_token_id=2, pad_token_id=3, max_position_embeddings=MODEL_MAX_LENGTH,
+        )
+        model = LlamaForCausalLM(config)
+        generation = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model.generation_config = generation
+    return model.eval()
+
+
+def _is_complete(out_dir: Path, settings: dict) -> bool:
+    """True when `out_dir` holds every required file and was built with exactly `settings`."""
+    record = out_dir / SETTINGS_FILE
+    if not record.is_file() or not all((out_dir / name).is_file() for name in REQUIRED_FILES):
+        return False
+    try:
+        return json.loads(record.read_text()).get("settings") == settings
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished `tmp` to `out_dir`, moving any previous build aside first and deleting it after."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_tiny_model(
+    family: str,
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    vocab_size: int = 2000,
+    seed: int = 0,
+    d_model: int = 64,
+    num_layers: int = 2,
+) -> Path:
+    """Write a tiny model, tokenizer and generation config to `out_dir` and return it.
+
+    Returns at once if `out_dir` already holds a complete build with the same settings. A directory
+    that exists but was not made by this builder is never overwritten.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if d_model % 8:
+        raise ValueError(f"d_model must be a multiple of 8 (4 heads with an even head size), got {d_model}")
+    out_dir = Path(out_dir).resolve()
+    files, source = find_benchmark(data_dir)
+    settings = dict(
+        format_version=FORMAT_VERSION, family=family, vocab_size=vocab_size, seed=seed,
+        d_model=d_model, num_layers=num_layers, corpus=source,
+    )
+    if _is_complete(out_dir, settings):
+        logger.info("%s already holds a tiny %s model with these settings", out_dir, family)
+        return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SETTINGS_FILE).is_file():
+        raise FileExistsError(f"{out_dir} exists, is not empty and was not written by sapt.tiny; refusing to replace it")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final directory should look like any other
+    try:
+        tokenizer = train_tokenizer(family, load_corpus(files), vocab_size)
+        model = build_model(family, len(tokenizer), d_model, num_layers, seed)
+        model.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # Written last: its presence marks the build as complete.
+        record = dict(settings=settings, vocab_size_actual=len(tokenizer), special_tokens=SPECIAL_TOKENS[family])
+        (tmp / SETTINGS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if _is_complete(out_dir, settings):  # a concurrent build finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote tiny %s model (vocab %d) to %s", family, len(tokenizer), out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--out", required=True, help="directory to write the model to")
+    parser.add_argument("--data_dir", default=None, help="CL_Benchmark root for tokenizer text")
+    parser.add_argument("--vocab_size", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--d_model", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = build_tiny_model(
+        args.family, args.out, data_dir=args.data_dir, vocab_size=args.vocab_size,
+        seed=args.seed, d_model=args.d_model, num_layers=args.layers,
+    )
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

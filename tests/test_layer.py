@@ -1,0 +1,60 @@
+"""The batched mixing of SaptLinear against a plain per-task loop."""
+
+import pytest
+import torch
+from torch import nn
+
+from sapt.layer import RoutingState, SaptLinear
+
+
+def per_task_reference(layer: SaptLinear, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """W x + Σ_j a_j (alpha/r) B_j A_j x, one task at a time."""
+    out = layer.base_layer(x)
+    A, B = layer.stacked_blocks()
+    for j in range(A.shape[0]):
+        delta = x @ A[j].T @ B[j].T  # (batch, L, d_out)
+        out = out + weights[:, j, None, None] * layer.scaling * delta
+    return out
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 5, 15])
+@pytest.mark.parametrize("d_in,d_out", [(16, 16), (16, 24)])
+def test_batched_mixing_equals_per_task_loop(num_tasks, d_in, d_out):
+    torch.manual_seed(num_tasks)
+    routing = RoutingState()
+    layer = SaptLinear(nn.Linear(d_in, d_out), r=4, alpha=8, dropout=0.0, routing=routing)
+    for task in range(num_tasks):
+        layer.freeze_block()
+        layer.add_block()
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, d_in)
+    routing.weights = torch.randn(3, num_tasks).softmax(-1)
+    torch.testing.assert_close(layer(x), per_task_reference(layer, x, routing.weights), rtol=1e-5, atol=1e-5)
+
+
+def test_new_block_starts_as_no_op_and_frozen_blocks_have_no_parameters():
+    routing = RoutingState()
+    base = nn.Linear(8, 8)
+    layer = SaptLinear(base, r=2, alpha=4, dropout=0.0, routing=routing)
+    layer.add_block()
+    routing.weights = torch.ones(2, 1)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(layer(x), base(x))
+    layer.freeze_block()
+    assert layer.lora_A is None and layer.past_A.shape == (1, 2, 8)
+    assert {n for n, _ in layer.named_parameters()} == {"base_layer.weight", "base_layer.bias"}
+
+
+def test_beam_expansion_repeats_each_row():
+    routing = RoutingState()
+    routing.weights = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
+    expanded = routing.for_batch(4)
+    torch.testing.assert_close(expanded, torch.tensor([[0.2, 0.8], [0.2, 0.8], [0.6, 0.4], [0.6, 0.4]]))
+    with pytest.raises(RuntimeError):
+        routing.for_batch(3)
+
+
+def test_block_shape_mismatch_is_refused():
+    layer = SaptLinear(nn.Linear(8, 6), r=2, alpha=4, dropout=0.0, routing=RoutingState())
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.append_frozen_block(torch.zeros(2, 6), torch.zeros(8, 2))
