@@ -42,3 +42,35 @@ def family(request) -> str:
 
 def requires_benchmark():
     return pytest.mark.skipif(not BENCHMARK.is_dir(), reason=f"released benchmark not found at {BENCHMARK}")
+
+
+def make_sapt(family: str, num_tasks: int, seed: int = 0, **overrides):
+    """A SaptModel with `num_tasks` blocks: the older ones frozen, the newest trainable; every B is
+    random (not the zero init) so each block changes the output."""
+    from sapt.config import SaptConfig
+    from sapt.model import SaptModel
+
+    backbone = BACKBONES[family](seed)
+    config = SaptConfig.for_backbone(backbone, f"tiny-{family}", r=overrides.pop("r", 4), alpha=8, **overrides)
+    model = SaptModel(backbone, config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for task in range(num_tasks):
+        if task:
+            model.freeze_current_task()
+        model.add_task(f"task{task + 1}")
+        for _, layer in model.sapt_layers():
+            layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=generator) * 0.5
+    return model
+
+
+def sample_batch(family: str, batch: int = 3, length: int = 7, seed: int = 0):
+    """Random token ids (ids >= 4 avoid the special tokens) with labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (batch, length), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    if family == "t5":
+        labels = torch.randint(4, VOCAB, (batch, 5), generator=generator)
+    else:
+        labels = input_ids.clone()
+        labels[:, : length // 2] = -100  # first half is the prompt
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
