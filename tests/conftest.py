@@ -74,3 +74,12 @@ def sample_batch(family: str, batch: int = 3, length: int = 7, seed: int = 0):
         labels = input_ids.clone()
         labels[:, : length // 2] = -100  # first half is the prompt
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny T5 and LLaMA folders in HF format, tokenizers trained on the benchmark text."""
+    from sapt.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: build_tiny_model(family, root / family, data_dir=BENCHMARK, d_model=32) for family in ("t5", "llama")}

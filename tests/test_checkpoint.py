@@ -23,7 +23,7 @@ def save_sequence(model, outputs_dir):
         folder = outputs_dir / f"{position}-{task}"
         # Block j of task `position` is stored in folder j: save a view of the model truncated to it.
         partial = make_sapt_prefix(model, position)
-        dirs = [f"../{j}-{tasks[j - 1]}" for j in range(1, position)] + ["."]
+        dirs = [f"../{j}-{tasks[j - 1]}" for j in range(1, position)]
         save_task_artifacts(partial, folder, dirs)
         save_routing_mean(folder, tasks[:position], [1.0 / position] * position)
     return outputs_dir / f"{len(tasks)}-{tasks[-1]}"

@@ -36,14 +36,6 @@ def train_task(model_dir, outputs, position, family, extra=()):
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    from sapt.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: build_tiny_model(family, root / family, data_dir=BENCHMARK, d_model=32) for family in ("t5", "llama")}
-
-
 @requires_benchmark()
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_two_task_run_writes_every_file_and_key(tiny_models, tmp_path, family):

@@ -70,17 +70,18 @@ def router_state(model: SaptModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_task_artifacts(model: SaptModel, task_dir: str | Path, block_dirs: list[str]) -> None:
-    """Write the newest block, the router and the config. `block_dirs[j]` locates block j relative to
-    `task_dir` ("." for the newest)."""
+def save_task_artifacts(model: SaptModel, task_dir: str | Path, earlier_block_dirs: list[str]) -> None:
+    """Write the newest block, the router and the config. `earlier_block_dirs[j]` locates block j
+    relative to `task_dir`, for every block but the newest, which is written here."""
     task_dir = Path(task_dir)
     config = model.sapt_config
-    if len(block_dirs) != len(config.tasks):
-        raise ValueError(f"{len(block_dirs)} block folders for {len(config.tasks)} tasks")
+    if len(earlier_block_dirs) != model.num_blocks - 1:
+        raise ValueError(f"{len(earlier_block_dirs)} earlier block folders for {model.num_blocks} blocks")
     save_tensors_atomic(task_dir / BLOCK_FILE, block_state(model), metadata={"task": config.tasks[-1]})
     if model.router is not None:
         save_tensors_atomic(task_dir / ROUTER_FILE, router_state(model))
-    lineage = [{"task": task, "dir": d} for task, d in zip(config.tasks, block_dirs)]
+    owners = config.tasks if config.block_per_task else config.tasks[-1:]
+    lineage = [{"task": task, "dir": d} for task, d in zip(owners, [*earlier_block_dirs, "."])]
     write_json_atomic(task_dir / LINEAGE_FILE, {"blocks": lineage})
     config.save(task_dir)
 
@@ -134,7 +135,8 @@ def restore_model(backbone, task_dir: str | Path, config: SaptConfig | None = No
     task_dir = Path(task_dir)
     config = config or load_config(task_dir)
     lineage = _read_json(task_dir / LINEAGE_FILE).get("blocks", [])
-    if [entry.get("task") for entry in lineage] != config.tasks:
+    owners = config.tasks if config.block_per_task else config.tasks[-1:]
+    if [entry.get("task") for entry in lineage] != owners or not all(isinstance(e.get("dir"), str) for e in lineage):
         raise CheckpointError(f"{task_dir / LINEAGE_FILE}: blocks do not match the tasks {config.tasks}")
     model_type = backbone.config.model_type
     hidden = backbone.get_input_embeddings().embedding_dim
@@ -163,7 +165,7 @@ def restore_model(backbone, task_dir: str | Path, config: SaptConfig | None = No
             raise CheckpointError(f"{block_file}: {err}") from None
     model.sapt_config.tasks.extend(finished_tasks)
     if model.router is not None:
-        _load_router(model, task_dir / ROUTER_FILE, len(finished_tasks))
+        _load_router(model, task_dir / ROUTER_FILE, len(lineage))
     return model
 
 

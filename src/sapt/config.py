@@ -18,6 +18,16 @@ DEFAULT_DECODER_TARGET_MODULES = ["q_proj", "v_proj"]
 
 CONFIG_NAME = "sapt_config.json"
 
+# Continual-learning methods, all built from the same wrapped projections (see docs/methods.md):
+#   sapt      one block per task, mixed by the router's weights (SALS) + ARM
+#   o_lora    one block per task, summed with weight 1 (+ orthogonality loss during training)
+#   single    one block trained on one task alone (the reference for FWT)
+#   seq_lora  one block, trained on the tasks in sequence
+#   replay    seq_lora plus a small memory of earlier tasks' real examples
+#   mtl       one block on the union of all tasks (upper bound)
+METHODS = ("sapt", "o_lora", "single", "seq_lora", "replay", "mtl")
+BLOCK_PER_TASK_METHODS = ("sapt", "o_lora")
+
 
 def default_target_modules(model_type: str) -> list[str]:
     return list(TARGET_MODULES.get(model_type, DEFAULT_DECODER_TARGET_MODULES))
@@ -64,12 +74,14 @@ class SaptConfig:
         default=False,
         metadata={"help": "Max-pool over padding positions too (the release's behaviour; batch-dependent)."},
     )
-    single_task: bool = field(default=False, metadata={"help": "One plain LoRA, no router (single-task runs)."})
-    tasks: list[str] = field(default_factory=list, metadata={"help": "Task of each block, oldest first."})
+    method: str = field(default="sapt", metadata={"help": f"Continual-learning method: {', '.join(METHODS)}."})
+    tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks learned so far, oldest first."})
 
     def __post_init__(self):
         if not self.target_modules:
             self.target_modules = default_target_modules(self.model_type)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.r}")
         self.temperature_value()  # validate early
@@ -85,6 +97,15 @@ class SaptConfig:
             raise ValueError(
                 f"unknown temperature {self.temperature!r}; use one of {sorted(_NAMED_TEMPERATURES)} or a number"
             ) from None
+
+    @property
+    def routed(self) -> bool:
+        """Blocks mixed by a learned router (SAPT) rather than summed."""
+        return self.method == "sapt"
+
+    @property
+    def block_per_task(self) -> bool:
+        return self.method in BLOCK_PER_TASK_METHODS
 
     @property
     def scaling(self) -> float:

@@ -84,6 +84,14 @@ class SaptLinear(nn.Module):
         self.append_frozen_block(self.lora_A.data, self.lora_B.data)
         self.lora_A = self.lora_B = None
 
+    def thaw_block(self) -> None:
+        """Make the newest frozen block trainable again (methods that keep training one block)."""
+        if self.lora_A is not None or not len(self.past_A):
+            raise RuntimeError("no frozen block to thaw")
+        self.lora_A = nn.Parameter(self.past_A[-1].clone())
+        self.lora_B = nn.Parameter(self.past_B[-1].clone())
+        self.past_A, self.past_B = self.past_A[:-1], self.past_B[:-1]
+
     def append_frozen_block(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         if lora_A.shape != (self.r, self.in_features) or lora_B.shape != (self.out_features, self.r):
             raise ValueError(

@@ -54,7 +54,7 @@ class SaptModel(nn.Module):
                 "set target_modules to the names of its attention projections"
             )
         self.router = None
-        if not config.single_task:
+        if config.routed:
             device = backbone.get_input_embeddings().weight.device
             self.router = Router(config.hidden_size, config.query_dim, config.temperature_value()).to(device)
 
@@ -106,18 +106,22 @@ class SaptModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.sapt_config.tasks)
 
-    def add_task(self, task: str) -> None:
-        """Add a trainable block (and key) for `task`; everything older stays frozen."""
-        if task in self.sapt_config.tasks:
-            raise ValueError(f"task {task!r} already has a block")
-        if self.sapt_config.single_task and self.num_blocks:
-            raise ValueError("a single-task model holds one block")
+    def add_task(self, *tasks: str) -> None:
+        """Make the model ready to learn a task: a new trainable block (and key) for the methods with a
+        block per task, else the one shared block made trainable again. Everything older stays frozen.
+        Several tasks at once only for joint training (mtl)."""
+        learned = [t for t in tasks if t in self.sapt_config.tasks]
+        if learned or len(set(tasks)) != len(tasks) or not tasks:
+            raise ValueError(f"cannot learn {list(tasks)}: already learned or repeated: {learned or tasks}")
+        if len(tasks) > 1 and self.sapt_config.block_per_task:
+            raise ValueError(f"{self.sapt_config.method} learns one task per block")
+        new_block = self.sapt_config.block_per_task or self.num_blocks == 0
         for _, layer in self.sapt_layers():
-            layer.add_block()
+            layer.add_block() if new_block else layer.thaw_block()
         if self.router is not None:
             self.router.add_key()
             self.router.query_net.requires_grad_(True)  # carried over from the last task, keeps training
-        self.sapt_config.tasks.append(task)
+        self.sapt_config.tasks.extend(tasks)
 
     def freeze_current_task(self) -> None:
         for _, layer in self.sapt_layers():
@@ -171,8 +175,8 @@ class SaptModel(nn.Module):
         """(B, T) routing distribution a(x), blocks oldest first."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if self.router is None or self.num_blocks == 1:
-            # One block: the softmax has one entry, so a == 1 and the router gets no gradient.
-            return torch.ones(reference.shape[0], 1, device=reference.device)
+            # Summed blocks (or a one-entry softmax: a == 1, and the router gets no gradient).
+            return torch.ones(reference.shape[0], self.num_blocks, device=reference.device)
         return self.routing_logits(input_ids, attention_mask, labels, inputs_embeds).softmax(dim=-1)
 
     # ---- running --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from datasets import concatenate_datasets
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
@@ -40,7 +41,8 @@ from .checkpoint import (
     save_task_artifacts,
 )
 from .collators import Collator
-from .config import SaptConfig, release_temperature
+from .baselines import l2_loss, orthogonality_loss, replay_memory, union
+from .config import METHODS, SaptConfig, release_temperature
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of, carve_dev, load_pseudo_split, load_split
 from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .metrics import compute_metrics
@@ -70,6 +72,7 @@ class SaptArguments:
     model_name_or_path: str = field(metadata={"help": "Backbone: a local folder or a hub name."})
     task_order: str = field(metadata={"help": "All tasks of the sequence, comma-separated."})
     task: str = field(metadata={"help": "The task this process trains (one of --task_order)."})
+    method: str = field(default="sapt", metadata={"help": "sapt, o_lora, single, seq_lora, replay or mtl.", "choices": list(METHODS)})
     data_dir: str = field(default="CL_Benchmark", metadata={"help": "Root holding SuperNI/ and Long_Sequence/."})
     previous_task_dir: str | None = field(
         default=None, metadata={"help": "Output folder of the preceding task (required after the first task)."}
@@ -83,30 +86,45 @@ class SaptArguments:
     target_modules: str | None = field(
         default=None, metadata={"help": "Comma-separated projection names; default per family (q,v / q_proj,v_proj)."}
     )
-    kl_ratio: float = field(default=0.5, metadata={"help": "λ, the weight of the ARM (KL) loss."})
-    no_reflection: bool = field(default=False, metadata={"help": "Train without ARM (no pseudo data needed)."})
-    attn_temperature: float = field(default=1, metadata={"help": "The release's temperature flag (1 -> sqrt(d))."})
+    kl_ratio: float = field(default=0.5, metadata={"help": "SAPT: λ, the weight of the ARM (KL) loss."})
+    no_reflection: bool = field(default=False, metadata={"help": "SAPT: train without ARM (no pseudo data needed)."})
+    attn_temperature: float = field(default=1, metadata={"help": "SAPT: the release's temperature flag (1 -> sqrt(d))."})
     pool_padding: bool = field(
-        default=False, metadata={"help": "Max-pool over padding too, as the release (batch-dependent routing)."}
+        default=False, metadata={"help": "SAPT: max-pool over padding too, as the release (batch-dependent routing)."}
     )
-    query_dim: int = field(default=100, metadata={"help": "Bottleneck width of the query network."})
-    router_learning_rate: float | None = field(default=None, metadata={"help": "Own learning rate for the query network."})
-    single_task: bool = field(default=False, metadata={"help": "One plain LoRA on this task alone (for FWT)."})
+    query_dim: int = field(default=100, metadata={"help": "SAPT: bottleneck width of the query network."})
+    router_learning_rate: float | None = field(default=None, metadata={"help": "SAPT: own learning rate for the query network."})
+    orthogonal_weight: float = field(default=0.5, metadata={"help": "o_lora: λ1 of Σ|A_new A_oldᵀ|."})
+    l2_weight: float = field(default=0.0, metadata={"help": "o_lora: λ2 of ‖new block‖²."})
+    replay_ratio: float = field(default=0.02, metadata={"help": "replay: share of each earlier task's training set kept."})
+    single_task: bool = field(default=False, metadata={"help": "The release's flag: same as --method single."})
     protocol: str = field(
         default="paper", metadata={"help": "paper: released dev files; clean: dev carved from train.", "choices": ["paper", "clean"]}
     )
     max_source_length: int = field(default=512, metadata={"help": "Prompt tokens kept."})
     max_target_length: int = field(default=50, metadata={"help": "Label tokens kept."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on dev examples."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples per task."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on dev examples per task."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Cap on test examples per task."})
+
+    def __post_init__(self):
+        if self.single_task:
+            self.method = "single"
 
 
 class UsageError(ValueError):
     """A mistake in the command line (reported in one line, exit status 2)."""
 
 
-def parse_order(args: SaptArguments) -> tuple[list[str], int]:
+@dataclass
+class TaskPlan:
+    order: list[str]
+    position: int  # 0-based place of the current task in the order
+    learned: list[str]  # tasks the model knows after this step (what it is tested on)
+    continues: bool  # builds on the preceding task's folder
+
+
+def plan(args: SaptArguments) -> TaskPlan:
     order = [t.strip() for t in args.task_order.split(",") if t.strip()]
     if not order:
         raise UsageError("--task_order is empty")
@@ -115,11 +133,14 @@ def parse_order(args: SaptArguments) -> tuple[list[str], int]:
         raise UsageError(f"--task_order repeats {', '.join(repeated)}")
     if args.task not in order:
         raise UsageError(f"--task {args.task!r} is not in --task_order")
-    return order, order.index(args.task)
+    position = order.index(args.task)
+    if args.method == "single":
+        return TaskPlan(order, position, [args.task], continues=False)
+    return TaskPlan(order, position, order[: position + 1], continues=args.method != "mtl" and position > 0)
 
 
-def build_model(args: SaptArguments, backbone, seen: list[str]) -> tuple[SaptModel, list[Path]]:
-    """The model for the current task and the folders of the earlier tasks (oldest first)."""
+def build_model(args: SaptArguments, backbone, task_plan: TaskPlan) -> tuple[SaptModel, list[Path]]:
+    """The model ready to learn this step's task(s), and the folders of the earlier tasks' blocks."""
     is_encoder_decoder = bool(backbone.config.is_encoder_decoder)
     wanted = SaptConfig.for_backbone(
         backbone,
@@ -131,37 +152,38 @@ def build_model(args: SaptArguments, backbone, seen: list[str]) -> tuple[SaptMod
         query_dim=args.query_dim,
         temperature=release_temperature(args.attn_temperature, is_encoder_decoder),
         pool_padding=args.pool_padding,
-        single_task=args.single_task,
+        method=args.method,
     )
     earlier_dirs: list[Path] = []
-    if args.single_task or len(seen) == 1:
+    if not task_plan.continues:
         model = SaptModel(backbone, wanted)
-    else:
-        if not args.previous_task_dir:
-            raise UsageError(f"--previous_task_dir is required for task {len(seen)} of the order")
-        previous = Path(args.previous_task_dir)
-        found = load_config(previous)
-        check_compatible(previous, found, wanted, seen[:-1])
-        model = restore_model(backbone, previous, found)
-        lineage = restore_lineage(previous)
-        earlier_dirs = [(previous / d).resolve() for d in lineage]
-    model.add_task(seen[-1])
+        model.add_task(*(task_plan.learned if args.method == "mtl" else [args.task]))
+        return model, earlier_dirs
+    if not args.previous_task_dir:
+        raise UsageError(f"--previous_task_dir is required for task {task_plan.position + 1} of the order")
+    previous = Path(args.previous_task_dir)
+    found = load_config(previous)
+    check_compatible(previous, found, wanted, task_plan.learned[:-1])
+    model = restore_model(backbone, previous, found)
+    if found.block_per_task:
+        earlier_dirs = [(previous / d).resolve() for d in read_lineage(previous)]
+    model.add_task(args.task)
     return model, earlier_dirs
 
 
 def check_compatible(folder: Path, found: SaptConfig, wanted: SaptConfig, earlier: list[str]) -> None:
+    if not (folder / COMPLETE_FILE).is_file():
+        raise CheckpointError(f"{folder}: task did not finish (no {COMPLETE_FILE}); run it again first")
     if found.tasks != earlier:
         raise CheckpointError(f"{folder}: holds tasks {found.tasks}, but the order needs {earlier} before this task")
-    for name in ("model_type", "hidden_size", "target_modules", "r", "is_encoder_decoder", "single_task"):
+    for name in ("method", "model_type", "hidden_size", "target_modules", "r", "is_encoder_decoder"):
         if getattr(found, name) != getattr(wanted, name):
             raise CheckpointError(
                 f"{folder}: made with {name}={getattr(found, name)!r}, this run has {getattr(wanted, name)!r}"
             )
-    if not (folder / COMPLETE_FILE).is_file():
-        raise CheckpointError(f"{folder}: task did not finish (no {COMPLETE_FILE}); run it again first")
 
 
-def restore_lineage(folder: Path) -> list[str]:
+def read_lineage(folder: Path) -> list[str]:
     return [entry["dir"] for entry in json.loads((folder / LINEAGE_FILE).read_text())["blocks"]]
 
 
@@ -182,49 +204,70 @@ def mean_routing(model: SaptModel, dataset, collator: Collator, batch_size: int)
     return (total / count).tolist()
 
 
+def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
+    """(train, dev, tests) for this step, following the method and the protocol."""
+
+    def train_and_dev(task):
+        train = load_split(args.data_dir, task, "train", seed, args.max_train_samples)
+        if args.protocol == "clean":
+            train, dev = carve_dev(train, seed=seed)
+        else:
+            dev = load_split(args.data_dir, task, "dev", seed)
+        if args.max_eval_samples is not None:
+            dev = dev.select(range(min(args.max_eval_samples, len(dev))))
+        return train, dev
+
+    if args.method == "mtl":
+        pairs = [train_and_dev(task) for task in task_plan.learned]
+        train, dev = union([p[0] for p in pairs]), union([p[1] for p in pairs])
+    else:
+        train, dev = train_and_dev(args.task)
+    if args.method == "replay" and task_plan.position > 0:
+        earlier = [train_and_dev(task)[0] for task in task_plan.learned[:-1]]
+        train = concatenate_datasets([train, replay_memory(earlier, args.replay_ratio, seed)])
+    tests = {t: load_split(args.data_dir, t, "test", seed, args.max_predict_samples) for t in task_plan.learned}
+    return train, dev, tests
+
+
+def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed) -> list[tuple[float, object]]:
+    """The weighted loss terms added to CE for this method."""
+    if args.method == "o_lora":
+        return [(args.orthogonal_weight, orthogonality_loss), (args.l2_weight, l2_loss)]
+    earlier = task_plan.learned[:-1]
+    if args.method != "sapt" or not earlier or args.no_reflection or args.kl_ratio <= 0:
+        return []
+    if not args.gen_data_dir:
+        raise UsageError("--gen_data_dir is required for ARM after the first task (or pass --no_reflection)")
+    pseudo = [load_pseudo_split(args.gen_data_dir, t, seed) for t in earlier]
+    means = [load_routing_mean(d) for d in earlier_dirs]
+    reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks)
+    return [(args.kl_ratio, reflection.loss)]
+
+
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
-    order, position = parse_order(args)
-    seen = order[: position + 1]
-    if args.single_task:
-        seen = [args.task]
+    task_plan = plan(args)
     output_dir = Path(training_args.output_dir)
-    benchmark = benchmark_of(args.data_dir, args.task)
-    metric = METRIC_OF_BENCHMARK[benchmark]
+    metric = METRIC_OF_BENCHMARK[benchmark_of(args.data_dir, args.task)]
     set_seed(training_args.seed)
 
     hf_config = AutoConfig.from_pretrained(args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
     backbone = load_backbone(args.model_name_or_path)
-    model, earlier_dirs = build_model(args, backbone, seen)
+    model, earlier_dirs = build_model(args, backbone, task_plan)
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
-    logger.info("task %d/%d %s: %d blocks, %d trainable parameters", position + 1, len(order), args.task,
-                model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()))
+    logger.info(
+        "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
+        len(task_plan.order), args.task, model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()),
+    )
 
-    # ---- data ---------------------------------------------------------------------------------
-    seed = training_args.seed
-    train = load_split(args.data_dir, args.task, "train", seed, args.max_train_samples)
-    if args.protocol == "clean":
-        train, dev = carve_dev(train, seed=seed)
-    else:
-        dev = load_split(args.data_dir, args.task, "dev", seed)
-    if args.max_eval_samples is not None:
-        dev = dev.select(range(min(args.max_eval_samples, len(dev))))
-    tests = {t: load_split(args.data_dir, t, "test", seed, args.max_predict_samples) for t in seen}
-
+    train, dev, tests = load_training_data(args, task_plan, training_args.seed)
     lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
     train_collator = Collator(tokenizer, is_encoder_decoder, **lengths)
     generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True)
-
-    reflection = None
-    earlier = seen[:-1]
-    if earlier and not args.no_reflection and args.kl_ratio > 0:
-        if not args.gen_data_dir:
-            raise UsageError("--gen_data_dir is required for ARM after the first task (or pass --no_reflection)")
-        pseudo = [load_pseudo_split(args.gen_data_dir, t, seed) for t in earlier]
-        means = [load_routing_mean(d) for d in earlier_dirs]
-        reflection = AttentiveReflection(
-            pseudo, means, generation_collator, training_args.per_device_train_batch_size, model.num_blocks
-        )
+    terms = training_terms(
+        args, model, task_plan, earlier_dirs, generation_collator, training_args.per_device_train_batch_size,
+        training_args.seed,
+    )
 
     # ---- training with model selection on dev ---------------------------------------------------
     dev_references = dev["target"]
@@ -234,11 +277,6 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         references = [dev_references[i] for i in prediction.label_ids.reshape(-1)]
         return compute_metrics(texts, references)
 
-    generation_kwargs = {
-        "max_new_tokens": training_args.generation_max_length or 50,
-        "num_beams": training_args.generation_num_beams or 1,
-        "do_sample": False,
-    }
     trainer = SaptTrainer(
         model=model,
         args=training_args,
@@ -247,10 +285,13 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         data_collator=train_collator,
         generation_collator=generation_collator,
         compute_metrics=dev_metrics,
-        reflection=reflection,
-        kl_weight=args.kl_ratio,
+        regularizers=terms,
         router_learning_rate=args.router_learning_rate,
-        generation_kwargs=generation_kwargs,
+        generation_kwargs={
+            "max_new_tokens": training_args.generation_max_length or 50,
+            "num_beams": training_args.generation_num_beams or 1,
+            "do_sample": False,
+        },
     )
     selection = KeepBestTrainable(model, metric)
     trainer.add_callback(selection)
@@ -265,10 +306,11 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     if selection.best_score is not None:
         results[f"best_eval_{metric}"] = selection.best_score
         results["best_step"] = selection.best_step
+    eval_batch = training_args.per_device_eval_batch_size
     if trainer.is_world_process_zero():
-        block_dirs = [os.path.relpath(d, output_dir.resolve()) for d in earlier_dirs] + ["."]
-        save_task_artifacts(model, output_dir, block_dirs)
-        save_routing_mean(output_dir, model.tasks, mean_routing(model, dev, generation_collator, training_args.per_device_eval_batch_size))
+        save_task_artifacts(model, output_dir, [os.path.relpath(d, output_dir.resolve()) for d in earlier_dirs])
+        if model.router is not None:
+            save_routing_mean(output_dir, model.tasks, mean_routing(model, dev, generation_collator, eval_batch))
 
     routing_report = {"tasks": model.tasks, "mean_weights": {}}
     per_task = []
@@ -288,20 +330,21 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
                 for i, ref, text in zip(order_in_split, references, texts)
             ]
             write_jsonl_atomic(output_dir / "predictions" / f"{task}.jsonl", records)
-        if not args.single_task:
-            routing_report["mean_weights"][task] = mean_routing(
-                model, test, generation_collator, training_args.per_device_eval_batch_size
-            )
+        if model.router is not None:
+            routing_report["mean_weights"][task] = mean_routing(model, test, generation_collator, eval_batch)
     results["predict_exact_match"] = round(sum(s["exact_match"] for s in per_task) / len(per_task), 4)
     results["predict_eval_rougeL"] = round(sum(s["rougeL"] for s in per_task) / len(per_task), 4)
 
     if trainer.is_world_process_zero():
-        if not args.single_task:
+        if model.router is not None:
             write_json_atomic(output_dir / "routing_weights.json", routing_report)
         write_json_atomic(output_dir / "all_results.json", results)
-        write_text_atomic(output_dir.parent / "task_order.txt", ",".join(order) + "\n")
+        write_text_atomic(output_dir.parent / "task_order.txt", ",".join(task_plan.order) + "\n")
         # Written last: later tasks accept this folder only when it is there.
-        write_json_atomic(output_dir / COMPLETE_FILE, {"task": args.task, "position": position + 1, "tasks": model.tasks})
+        write_json_atomic(
+            output_dir / COMPLETE_FILE,
+            {"task": args.task, "position": task_plan.position + 1, "method": args.method, "tasks": model.tasks},
+        )
     return results
 
 

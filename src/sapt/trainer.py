@@ -3,6 +3,7 @@ evaluation, and light checkpoints holding only what trains."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,25 +20,25 @@ class SaptTrainer(Trainer):
         self,
         *args,
         generation_collator=None,
-        reflection=None,
-        kl_weight: float = 0.0,
+        regularizers: list[tuple[float, Callable]] = (),
         router_learning_rate: float | None = None,
         generation_kwargs: dict | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.generation_collator = generation_collator
-        self.reflection = reflection
-        self.kl_weight = kl_weight
+        self.regularizers = [(weight, term) for weight, term in regularizers if weight]
         self.router_learning_rate = router_learning_rate
         self.generation_kwargs = generation_kwargs or {}
 
     # ---- loss ---------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """CE plus each weighted extra term (SAPT's ARM, O-LoRA's orthogonality, ...) while training."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and self.reflection is not None and self.kl_weight:
-            kl = self.reflection.loss(self.accelerator.unwrap_model(model))
-            loss = loss + self.kl_weight * kl
+        if model.training:
+            sapt_model = self.accelerator.unwrap_model(model)
+            for weight, term in self.regularizers:
+                loss = loss + weight * term(sapt_model)
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):

@@ -1,0 +1,99 @@
+"""The baseline methods that share SAPT's harness."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+
+from conftest import BENCHMARK, SHARED, make_sapt, requires_benchmark, sample_batch
+from sapt.baselines import l2_loss, orthogonality_loss, replay_memory, union
+from sapt.checkpoint import load_checkpoint
+from sapt.train_task import main
+
+TASKS = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
+
+
+def test_orthogonality_term_is_zero_for_orthogonal_blocks_and_positive_otherwise():
+    model = make_sapt("t5", 2, method="o_lora")
+    for _, layer in model.sapt_layers():
+        d_in = layer.in_features
+        basis = torch.eye(d_in)
+        layer.past_A = basis[None, :4]  # old block spans e_0..e_3
+        layer.lora_A.data = basis[4:8].clone()  # new block spans e_4..e_7
+    assert orthogonality_loss(model).item() == 0.0
+    layer = next(layer for _, layer in model.sapt_layers())
+    layer.lora_A.data[0, 0] = 0.5  # touch the old subspace in one projection
+    assert orthogonality_loss(model).item() == pytest.approx(0.5)
+
+
+def test_l2_term_is_the_squared_norm_of_the_trainable_block():
+    model = make_sapt("llama", 2, method="o_lora")
+    expected = sum(l.lora_A.pow(2).sum() + l.lora_B.pow(2).sum() for _, l in model.sapt_layers())
+    torch.testing.assert_close(l2_loss(model), expected)
+
+
+def test_o_lora_sums_blocks_with_weight_one():
+    model = make_sapt("t5", 3, method="o_lora")
+    assert model.router is None
+    batch = sample_batch("t5")
+    model(**batch)
+    torch.testing.assert_close(model.routing.weights, torch.ones(3, 3))
+
+
+def test_one_block_methods_keep_training_the_same_block():
+    model = make_sapt("llama", 1, method="seq_lora")
+    before = [l.lora_A.detach().clone() for _, l in model.sapt_layers()]
+    model.freeze_current_task()
+    model.add_task("task2")
+    assert model.num_blocks == 1 and model.tasks == ["task1", "task2"]
+    for (_, layer), old in zip(model.sapt_layers(), before):
+        assert layer.lora_A.requires_grad and torch.equal(layer.lora_A, old)
+
+
+def test_replay_memory_keeps_two_percent_of_each_task_at_least_one():
+    big = Dataset.from_dict({"source": [f"a{i}" for i in range(200)], "target": ["x"] * 200, "index": list(range(200))})
+    small = Dataset.from_dict({"source": ["b0", "b1"], "target": ["y", "y"], "index": [0, 1]})
+    memory = replay_memory([big, small], 0.02, seed=0)
+    assert len(memory) == 4 + 1
+    assert memory["source"] == replay_memory([big, small], 0.02, seed=0)["source"]
+    assert union([small, small])["index"] == [0, 1, 2, 3]
+
+
+def run_method(tiny_models, outputs, method, positions=(1, 2)):
+    for position in positions:
+        task = TASKS[position - 1]
+        argv = [
+            "--model_name_or_path", str(tiny_models["t5"]), "--data_dir", str(BENCHMARK), "--method", method,
+            "--task_order", ",".join(TASKS), "--task", task, "--output_dir", str(outputs / f"{position}-{task}"),
+            "--gen_data_dir", str(SHARED / "generated_data" / "lora_gen_superni_t5"),
+            "--max_train_samples", "8", "--max_eval_samples", "4", "--max_predict_samples", "4",
+            "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--num_train_epochs", "1",
+            "--max_source_length", "64", "--generation_max_length", "3", "--lora_r", "2", "--disable_tqdm", "true",
+        ]
+        if position > 1:
+            argv += ["--previous_task_dir", str(outputs / f"{position - 1}-{TASKS[position - 2]}")]
+        assert main(argv) == 0
+
+
+@requires_benchmark()
+@pytest.mark.parametrize("method", ["sapt", "o_lora", "seq_lora", "replay", "single"])
+def test_every_method_runs_two_quick_tasks(tiny_models, tmp_path, method):
+    outputs = tmp_path / "outputs"
+    run_method(tiny_models, outputs, method)
+    final = json.loads((outputs / f"2-{TASKS[1]}" / "all_results.json").read_text())
+    evaluated = TASKS[1:] if method == "single" else TASKS
+    assert {k for k in final if k.startswith("predict_eval_rougeL_for_")} == {f"predict_eval_rougeL_for_{t}" for t in evaluated}
+    model = load_checkpoint(outputs)
+    blocks = 2 if method in ("sapt", "o_lora") else 1
+    assert model.num_blocks == blocks and (model.router is not None) == (method == "sapt")
+
+
+@requires_benchmark()
+def test_mtl_learns_the_union_in_one_step(tiny_models, tmp_path):
+    outputs = tmp_path / "outputs"
+    run_method(tiny_models, outputs, "mtl", positions=(2,))
+    model = load_checkpoint(outputs)
+    assert model.tasks == TASKS and model.num_blocks == 1
+    final = json.loads((outputs / f"2-{TASKS[1]}" / "all_results.json").read_text())
+    assert all(f"predict_exact_match_for_{t}" in final for t in TASKS)
