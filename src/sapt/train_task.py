@@ -48,7 +48,7 @@ from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .metrics import compute_metrics
 from .model import SaptModel
 from .reflection import AttentiveReflection
-from .trainer import KeepBestTrainable, SaptTrainer
+from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer
 
 logger = logging.getLogger("sapt")
 
@@ -106,6 +106,9 @@ class SaptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples per task."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on dev examples per task."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Cap on test examples per task."})
+    eval_every_epochs: int | None = field(
+        default=None, metadata={"help": "Evaluate on dev (and save, if saving is on) every N epochs, as the release."}
+    )
 
     def __post_init__(self):
         if self.single_task:
@@ -270,7 +273,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     )
 
     # ---- training with model selection on dev ---------------------------------------------------
-    dev_references = dev["target"]
+    dev_references = list(dev["target"])
 
     def dev_metrics(prediction) -> dict:
         texts = decode(tokenizer, prediction.predictions)
@@ -295,8 +298,11 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     )
     selection = KeepBestTrainable(model, metric)
     trainer.add_callback(selection)
+    if args.eval_every_epochs:
+        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
+    evaluates = training_args.eval_strategy != "no" or bool(args.eval_every_epochs)
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    if training_args.eval_strategy != "no" and selection.last_eval_step != trainer.state.global_step:
+    if evaluates and selection.last_eval_step != trainer.state.global_step:
         trainer.evaluate()
     selection.restore()
     model.freeze_current_task()
@@ -312,6 +318,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         if model.router is not None:
             save_routing_mean(output_dir, model.tasks, mean_routing(model, dev, generation_collator, eval_batch))
 
+    trainer.compute_metrics = None  # dev scoring only; test predictions are scored below
     routing_report = {"tasks": model.tasks, "mean_weights": {}}
     per_task = []
     for task, test in tests.items():
@@ -351,7 +358,16 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
     parser.set_defaults(**RELEASE_DEFAULTS)
-    sapt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):  # one task's config, as the pipelines write them
+        try:
+            config = json.loads(Path(argv[0]).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"sapt.train_task: error: {argv[0]}: cannot read config ({err})", file=sys.stderr)
+            return 2
+        sapt_args, training_args = parser.parse_dict({**RELEASE_DEFAULTS, **config})
+    else:
+        sapt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         results = run(sapt_args, training_args)

@@ -126,3 +126,19 @@ class KeepBestTrainable(TrainerCallback):
         with torch.no_grad():
             for name, value in self._snapshot.items():
                 params[name].copy_(value)
+
+
+class EveryNEpochs(TrainerCallback):
+    """Evaluate (and optionally save) at the end of every n-th epoch, as the release's scripts do."""
+
+    def __init__(self, every: int, save: bool = False):
+        if every < 1:
+            raise ValueError("evaluation period must be at least one epoch")
+        self.every = every
+        self.save = save
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if round(state.epoch or 0) % self.every == 0:
+            control.should_evaluate = True
+            control.should_save = control.should_save or self.save
+        return control

@@ -1,0 +1,12 @@
+"""Write the superni / t5 experiment of the SAPT paper as a shell pipeline (see README).
+
+    python gen_script_superni_t5.py --help
+    python gen_script_superni_t5.py --quick        # tiny local model, three tasks, CPU
+"""
+
+import sys
+
+from sapt.pipeline import main
+
+if __name__ == "__main__":
+    sys.exit(main("superni_t5"))

@@ -1,0 +1,246 @@
+"""Write a whole experiment as per-task JSON configs plus one shell pipeline that runs them.
+
+The four `gen_script_*.py` files are presets over `main()`. The pipeline trains the tasks in order, one
+process each, skips tasks whose folder is complete (so running it again continues where it stopped),
+and ends with `score.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import METHODS
+from .io import write_json_atomic, write_text_atomic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = REPO_ROOT / "configs"
+SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
+DEEPSPEED_CONFIGS = {"zero2": "configs/ds_configs/zero2.json", "zero3": "configs/ds_configs/zero3.json"}
+COMPLETE_FILE = "task_complete.json"
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Experiment:
+    preset: str
+    settings: dict  # the preset, with --quick and --set applied
+    method: str
+    order: str
+    tasks: list[str]
+    run_name: str
+    model_name_or_path: str
+    data_dir: str
+    gen_data_dir: str | None
+    protocol: str = "paper"
+    quick: bool = False
+    seed: int = 42
+    gpus: int = 1
+    deepspeed: str | None = None
+    pseudo_data: str = "shipped"
+    single_run: str | None = None
+    workdir: str = str(REPO_ROOT)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return self.settings["family"]
+
+    def output_dir(self, position: int) -> str:
+        return f"logs_and_outputs/{self.run_name}/outputs/{position}-{self.tasks[position - 1]}"
+
+    def positions(self) -> list[int]:
+        """1-based positions this method trains: all, or only the last for joint training."""
+        return [len(self.tasks)] if self.method == "mtl" else list(range(1, len(self.tasks) + 1))
+
+    def task_arguments(self, position: int) -> dict:
+        """The `sapt.train_task` arguments (and Seq2SeqTrainingArguments) of one task."""
+        s = self.settings
+        args = {
+            "model_name_or_path": self.model_name_or_path,
+            "data_dir": self.data_dir,
+            "task_order": ",".join(self.tasks),
+            "task": self.tasks[position - 1],
+            "method": self.method,
+            "output_dir": self.output_dir(position),
+            "protocol": self.protocol,
+            "lora_r": s["lora_r"],
+            "lora_alpha": s["lora_alpha"],
+            "lora_dropout": s["lora_dropout"],
+            "max_source_length": s["max_source_length"],
+            "max_target_length": s["max_target_length"],
+            "generation_max_length": s.get("generation_max_length", 50),
+            "learning_rate": s["learning_rate"],
+            "num_train_epochs": s["num_train_epochs"],
+            "per_device_train_batch_size": s["per_device_train_batch_size"],
+            "per_device_eval_batch_size": s["per_device_train_batch_size"] * 2,
+            "gradient_accumulation_steps": s["gradient_accumulation_steps"],
+            "eval_every_epochs": s["eval_every_epochs"],
+            "seed": self.seed,
+            "bf16": not self.quick,
+            "logging_steps": 10,
+            "disable_tqdm": True,
+        }
+        if self.method == "sapt":
+            args["kl_ratio"] = s["kl_ratio"]
+            if self.gen_data_dir:
+                args["gen_data_dir"] = self.gen_data_dir
+            else:
+                args["no_reflection"] = True
+        if self.method in SEQUENTIAL_METHODS and position > 1:
+            args["previous_task_dir"] = self.output_dir(position - 1)
+        for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            if key in s:
+                args[key] = s[key]
+        if self.deepspeed:
+            args["deepspeed"] = DEEPSPEED_CONFIGS[self.deepspeed]
+        args.update(self.extra)
+        return args
+
+
+def parse_set(values: list[str]) -> dict:
+    """`--set key=value` pairs, values parsed as JSON when they can be (numbers, true/false)."""
+    parsed = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def build_parser(preset: str, settings: dict, orders: dict) -> argparse.ArgumentParser:
+    family = settings["family"]
+    available = sorted(orders[settings["benchmark"]], key=int)
+    parser = argparse.ArgumentParser(
+        prog=f"gen_script_{preset}.py",
+        description=f"Write the {settings['benchmark']} / {family} experiment as a shell pipeline.",
+    )
+    parser.add_argument("--model_name_or_path", default=None, help="Backbone (default: the paper's, or a tiny local one with --quick).")
+    parser.add_argument("--run_name", default=None, help="Folder name under logs_and_outputs/ (default from method, order).")
+    parser.add_argument("--order", default=settings["default_order"], choices=available,
+                        help="Task order (SPEC 4)" + ("; 1-3 are the standard 4-task benchmark" if settings["benchmark"] == "Long_Sequence" else ""))
+    parser.add_argument("--method", default="sapt", choices=METHODS)
+    parser.add_argument("--protocol", default="paper", choices=["paper", "clean"],
+                        help="paper: the released dev files (= test); clean: dev carved from train.")
+    parser.add_argument("--quick", action="store_true", help="Tiny local model, first three tasks, a few steps, CPU.")
+    parser.add_argument("--data_dir", default="CL_Benchmark")
+    parser.add_argument("--gen_data_root", default="generated_data", help="Folder holding lora_gen_* pseudo data.")
+    parser.add_argument("--pseudo_data", default="shipped", choices=["shipped", "regenerate", "none"],
+                        help="ARM's pseudo samples: the released ones, regenerated by this pipeline, or no ARM.")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--gpus", type=int, default=None,
+                        help=f"Processes (GPUs) per task, >1 uses torchrun (default {settings['gpus']}; 0 with --quick).")
+    if family == "llama":
+        parser.add_argument("--deepspeed", default=None, choices=sorted(DEEPSPEED_CONFIGS), help="DeepSpeed ZeRO stage config.")
+    parser.add_argument("--single_run", default=None, help="Single-task run name passed to score.py for FWT.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any train_task argument.")
+    parser.add_argument("--output", default=None, help="Pipeline path (default scripts/generated/<run>.sh).")
+    parser.add_argument("--workdir", default=str(REPO_ROOT),
+                        help="Where the pipeline runs: logs_and_outputs/ and tiny_models/ are written there.")
+    return parser
+
+
+def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = CONFIGS) -> tuple[Experiment, Path]:
+    presets, orders = load_json(configs / "presets.json"), load_json(configs / "orders.json")
+    settings = dict(presets[preset])
+    parser = build_parser(preset, settings, orders)
+    ns = parser.parse_args(argv)
+    try:
+        extra = parse_set(ns.set)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+    if ns.gpus is not None and ns.gpus < 0:
+        parser.error("--gpus must be 0 or more")
+    tasks = list(orders[settings["benchmark"]][ns.order])
+    model = ns.model_name_or_path or settings["model_name_or_path"]
+    if ns.quick:
+        settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
+        tasks = tasks[: settings["tasks"]]
+        model = ns.model_name_or_path or f"tiny_models/{settings['family']}"
+    run_name = ns.run_name or f"{ns.method}_{preset}_order{ns.order}" + ("_quick" if ns.quick else "")
+    if not run_name.replace("-", "_").replace(".", "_").isidentifier():
+        parser.error(f"--run_name {run_name!r} must be letters, digits, '-', '_' or '.'")
+    gen_data_dir = None
+    if ns.method == "sapt" and ns.pseudo_data == "shipped":
+        gen_data_dir = f"{ns.gen_data_root}/{settings['gen_data']}"
+    elif ns.method == "sapt" and ns.pseudo_data == "regenerate":
+        gen_data_dir = f"logs_and_outputs/{run_name}/generated_data/{settings['gen_data']}"
+    experiment = Experiment(
+        preset=preset, settings=settings, method=ns.method, order=ns.order, tasks=tasks, run_name=run_name,
+        model_name_or_path=model, data_dir=ns.data_dir, gen_data_dir=gen_data_dir, protocol=ns.protocol,
+        quick=ns.quick, seed=ns.seed, gpus=settings["gpus"] if ns.gpus is None else ns.gpus, deepspeed=getattr(ns, "deepspeed", None),
+        pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=ns.workdir, extra=extra,
+    )
+    output = Path(ns.output or f"scripts/generated/{run_name}.sh")
+    return experiment, output
+
+
+def render_pipeline(exp: Experiment, config_dir: str) -> str:
+    q = shlex.quote
+    launch = "python -m sapt.train_task" if exp.gpus <= 1 else f"torchrun --nproc_per_node {exp.gpus} -m sapt.train_task"
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# {exp.method} on {exp.settings['benchmark']} / {exp.family}, order {exp.order} ({len(exp.tasks)} tasks)"
+        + (", quick mode" if exp.quick else ""),
+        f"# Written by gen_script_{exp.preset}.py. Run it again to continue where it stopped:",
+        "# tasks whose folder holds task_complete.json are skipped.",
+        "set -euo pipefail",
+        f"cd {q(exp.workdir)}",
+        f"RUN={q(exp.run_name)}",
+        f"CONFIGS={q(config_dir)}",
+        f"LAUNCH=${{SAPT_LAUNCH:-{q(launch)}}}",
+        "",
+    ]
+    if exp.quick:
+        lines += [f"python -m sapt.tiny --family {exp.family} --out {q(exp.model_name_or_path)} "
+                  f"--data_dir {q(exp.data_dir)} --d_model {exp.settings['tiny_d_model']}", ""]
+    if exp.pseudo_data == "regenerate":
+        steps = "--steps 100 --max_train_samples 32" if exp.quick else ""
+        lines += [
+            f"python {q(str(REPO_ROOT / 'scripts' / 'generate_pseudo_data.py'))} --model_name_or_path {q(exp.model_name_or_path)} "
+            f"--data_dir {q(exp.data_dir)} --tasks {q(','.join(exp.tasks[:-1]))} --out {q(exp.gen_data_dir)} "
+            f"--seed {exp.seed} {steps}".rstrip(),
+            "",
+        ]
+    names = [f"{p}-{exp.tasks[p - 1]}" for p in exp.positions()]
+    lines += [
+        f"STEPS=({' '.join(q(n) for n in names)})",
+        'for STEP in "${STEPS[@]}"; do',
+        '  OUT="logs_and_outputs/$RUN/outputs/$STEP"',
+        f'  if [ -f "$OUT/{COMPLETE_FILE}" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi',
+        '  echo "[pipeline] $STEP: training"',
+        '  $LAUNCH "$CONFIGS/$STEP.json"',
+        "done",
+        "",
+        f"python {q(str(REPO_ROOT / 'score.py'))} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_experiment(exp: Experiment, output: Path) -> Path:
+    """Write every task's config next to the pipeline and the pipeline itself; return its path."""
+    output = output if output.is_absolute() else REPO_ROOT / output
+    config_dir = output.with_suffix("")
+    for position in exp.positions():
+        write_json_atomic(config_dir / f"{position}-{exp.tasks[position - 1]}.json", exp.task_arguments(position))
+    write_text_atomic(output, render_pipeline(exp, str(config_dir)))
+    output.chmod(0o755)
+    return output
+
+
+def main(preset: str, argv: list[str] | None = None) -> int:
+    experiment, output = make_experiment(preset, argv)
+    path = write_experiment(experiment, output)
+    print(f"{experiment.method}: {len(experiment.positions())} task step(s) of {experiment.run_name}; run with: bash {path}")
+    print(path)
+    return 0
