@@ -8,7 +8,7 @@ DEST ?= .
 # Extra flags for sapt.prepare_data, e.g. DATA_FLAGS=--copy or DATA_FLAGS=--verbose
 DATA_FLAGS ?=
 
-.PHONY: data verify-data test
+.PHONY: setup data verify-data test demo
 
 # Link (or copy) the release into CL_Benchmark/ and generated_data/ and verify every file against the
 # release's hashes; with no release anywhere, write the synthetic benchmark instead (loudly).
@@ -22,4 +22,17 @@ verify-data:
 test:
 	$(PYTHON) -m pytest -q tests
 
-# Further targets (demo, ...) go below.
+# Install the pinned CPU stack and this package (on a GPU machine install the CUDA torch build first).
+setup:
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -r requirements.txt
+	$(PYTHON) -m pip install --no-deps -e .
+
+# SAPT and seq_lora in quick mode (tiny local T5, three tasks, CPU, a few minutes each), then one table.
+DEMO_PRESET ?= long_t5
+demo: data
+	$(PYTHON) gen_script_$(DEMO_PRESET).py --quick --method sapt --run_name demo_sapt
+	bash scripts/generated/demo_sapt.sh
+	$(PYTHON) gen_script_$(DEMO_PRESET).py --quick --method seq_lora --run_name demo_seq_lora
+	bash scripts/generated/demo_seq_lora.sh
+	$(PYTHON) score.py --compare demo_sapt demo_seq_lora

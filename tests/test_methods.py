@@ -97,3 +97,19 @@ def test_mtl_learns_the_union_in_one_step(tiny_models, tmp_path):
     assert model.tasks == TASKS and model.num_blocks == 1
     final = json.loads((outputs / f"2-{TASKS[1]}" / "all_results.json").read_text())
     assert all(f"predict_exact_match_for_{t}" in final for t in TASKS)
+
+
+def test_joint_run_scores_ap_only(tmp_path):
+    from sapt.cl_metrics import read_run, summarize
+
+    outputs = tmp_path / "outputs"
+    final = outputs / f"2-{TASKS[1]}"
+    final.mkdir(parents=True)
+    (outputs / "task_order.txt").write_text(",".join(TASKS) + "\n")
+    scores = {f"predict_eval_rougeL_for_{t}": s for t, s in zip(TASKS, (40.0, 60.0))}
+    scores.update({f"predict_exact_match_for_{t}": 0.0 for t in TASKS})
+    (final / "all_results.json").write_text(json.dumps(scores))
+    tasks, matrix, metric = read_run(outputs)
+    summary = summarize(matrix)
+    assert tasks == TASKS and metric == "rougeL"
+    assert summary["AP"] == 50.0 and summary["F.Ra"] is None and summary["BWT"] is None

@@ -58,10 +58,18 @@ def _as_matrix(matrix) -> np.ndarray:
     size = arr.shape[0]
     # Scores of tasks not yet trained are irrelevant to every metric; blank them so they cannot leak in.
     arr[np.triu_indices(size, k=1)] = np.nan
-    lower = arr[np.tril_indices(size)]
-    if not np.all(np.isfinite(lower)):
-        raise ValueError("score matrix needs a finite score for every task j <= i after task i")
+    for i in range(size):
+        seen = arr[i, : i + 1]
+        # Joint training (mtl) scores all tasks once, after the last: earlier rows may be absent as a whole.
+        absent = i < size - 1 and np.all(np.isnan(seen))
+        if not absent and not np.all(np.isfinite(seen)):
+            raise ValueError("score matrix needs a finite score for every task j <= i after task i")
     return arr
+
+
+def _has_all_rows(a: np.ndarray) -> bool:
+    """False for a joint-training run, which has only the final row (then only AP is defined)."""
+    return bool(np.all(np.isfinite(np.diag(a))))
 
 
 def average_performance(matrix) -> float:
@@ -74,16 +82,18 @@ def forgetting_rate(matrix) -> float | None:
     """F.Ra = 1/(T-1) sum_{j<T} [max_{k in j..T-1} a_{k,j} - a_{T,j}]; None when T = 1."""
     a = _as_matrix(matrix)
     size = a.shape[0]
-    if size < 2:
+    if size < 2 or not _has_all_rows(a):
         return None
     # 0-based: for task j, the best score it had from its own step up to (not including) the last one.
     drops = [np.max(a[j : size - 1, j]) - a[size - 1, j] for j in range(size - 1)]
     return float(np.sum(drops) / (size - 1))
 
 
-def forward_transfer(matrix, single_task_scores: Sequence[float]) -> float:
+def forward_transfer(matrix, single_task_scores: Sequence[float]) -> float | None:
     """FWT = (1/T) sum_j (a_{j,j} - single_j): gain of learning in sequence over training alone."""
     a = _as_matrix(matrix)
+    if not _has_all_rows(a):
+        return None
     single = np.asarray([float(s) for s in single_task_scores], dtype=float)
     if single.shape != (a.shape[0],):
         raise ValueError(f"need {a.shape[0]} single-task scores, got {single.shape[0]}")
@@ -96,7 +106,7 @@ def backward_transfer(matrix) -> float | None:
     """BWT = 1/(T-1) sum_{j<T} (a_{T,j} - a_{j,j}); None when T = 1."""
     a = _as_matrix(matrix)
     size = a.shape[0]
-    if size < 2:
+    if size < 2 or not _has_all_rows(a):
         return None
     diffs = a[size - 1, : size - 1] - np.diag(a)[: size - 1]
     return float(np.sum(diffs) / (size - 1))
@@ -126,8 +136,8 @@ def summarize(matrix, single: Sequence[float] | None = None) -> dict:
         "FWT": None if single is None else forward_transfer(a, single),
         "BWT": backward_transfer(a),
         # Kept under their own names: these reproduce the release's numbers, not the paper's definitions.
-        "bwt_release": backward_transfer_release(a),
-        "fwt_release": forward_transfer_release(a),
+        "bwt_release": backward_transfer_release(a) if _has_all_rows(a) else None,
+        "fwt_release": forward_transfer_release(a) if _has_all_rows(a) else None,
     }
 
 
@@ -259,6 +269,16 @@ def read_run(
     done = 0
     while done + 1 in folders and (folders[done + 1] / RESULTS_FILE).is_file():
         done += 1
+    final = len(order)
+    if done == 0 and final in folders and (folders[final] / RESULTS_FILE).is_file():
+        # Joint training (mtl) writes only the last folder, scored on every task: one row.
+        path = folders[final] / RESULTS_FILE
+        data = _load_results(path)
+        matrix = np.full((final, final), np.nan)
+        for j, task in enumerate(order):
+            matrix[final - 1, j] = _score(data, path, task, metric, f"task {j + 1} after joint training")
+        _warn(f"{outputs}: joint-training run (only the final folder): AP only", warnings_out)
+        return list(order), matrix, _metric_name(order, metric)
     if done == 0:
         raise ScoreError(f"{outputs}: no results for the first task (1-{order[0]}/{RESULTS_FILE})")
     if done < len(order):

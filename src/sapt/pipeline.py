@@ -165,6 +165,9 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     model = ns.model_name_or_path or settings["model_name_or_path"]
     if ns.quick:
         settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
+        synthetic = Path(ns.workdir) / ns.data_dir / "SYNTHETIC.json"
+        if synthetic.is_file():  # `make data` found no release and wrote the synthetic benchmark
+            tasks = load_json(synthetic)["orders"][settings["benchmark"]]
         tasks = tasks[: settings["tasks"]]
         model = ns.model_name_or_path or f"tiny_models/{settings['family']}"
     run_name = ns.run_name or f"{ns.method}_{preset}_order{ns.order}" + ("_quick" if ns.quick else "")
