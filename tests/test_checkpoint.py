@@ -37,7 +37,7 @@ def make_sapt_prefix(model, count):
     for _, layer in prefix.sapt_layers():
         A, B = layer.stacked_blocks()
         layer.lora_A = layer.lora_B = None
-        layer.past_A, layer.past_B = A[:count].detach().clone(), B[:count].detach().clone()
+        layer.set_frozen_blocks(A[:count].detach().clone(), B[:count].detach().clone())
     if prefix.router is not None:
         keys = prefix.router.keys()[:count].detach().clone()
         prefix.router.key = None

@@ -19,7 +19,7 @@ def test_orthogonality_term_is_zero_for_orthogonal_blocks_and_positive_otherwise
     for _, layer in model.sapt_layers():
         d_in = layer.in_features
         basis = torch.eye(d_in)
-        layer.past_A = basis[None, :4]  # old block spans e_0..e_3
+        layer.set_frozen_blocks(basis[None, :4], torch.zeros(1, layer.out_features, 4))  # old block: e_0..e_3
         layer.lora_A.data = basis[4:8].clone()  # new block spans e_4..e_7
     assert orthogonality_loss(model).item() == 0.0
     layer = next(layer for _, layer in model.sapt_layers())

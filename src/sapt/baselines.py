@@ -15,7 +15,7 @@ def orthogonality_loss(model: SaptModel) -> torch.Tensor:
     for _, layer in model.sapt_layers():
         if layer.lora_A is None or not len(layer.past_A):
             continue
-        old = layer.past_A.flatten(0, 1)  # (T_old * r, d_in)
+        old = layer.past_down  # (T_old * r, d_in)
         total = total + (layer.lora_A @ old.T).abs().sum()
     return total
 

@@ -25,10 +25,20 @@ class RoutingState:
     """
 
     def __init__(self):
-        self.weights: torch.Tensor | None = None  # (B, T), blocks oldest first
+        self._weights: torch.Tensor | None = None  # (B, T), blocks oldest first
+        self._per_rank: dict = {}  # (batch, r, dtype) -> (B, T*r) weights, shared by all layers
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
+        self._per_rank = {}
 
     def for_batch(self, batch_size: int) -> torch.Tensor:
-        weights = self.weights
+        weights = self._weights
         if weights is None:
             raise RuntimeError("SAPT routing weights are not set: call the SaptModel, not its backbone")
         if weights.shape[0] == batch_size:
@@ -38,9 +48,20 @@ class RoutingState:
             raise RuntimeError(f"batch of {batch_size} rows does not expand routing weights of {weights.shape[0]}")
         return weights.repeat_interleave(batch_size // weights.shape[0], dim=0)
 
+    def per_rank(self, batch_size: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T*r): each block's weight repeated over its r hidden units, computed once per batch."""
+        key = (batch_size, r, dtype)
+        if key not in self._per_rank:
+            self._per_rank[key] = self.for_batch(batch_size).to(dtype).repeat_interleave(r, dim=1)
+        return self._per_rank[key]
+
 
 class SaptLinear(nn.Module):
-    """Wraps one projection. Earlier tasks' blocks are frozen buffers; the current block trains."""
+    """Wraps one projection. Earlier tasks' blocks are frozen buffers; the current block trains.
+
+    Frozen blocks are stored ready for the two matrix products: `past_down` (T_old*r, d_in) stacks
+    the A matrices, `past_up` (d_out, T_old*r) places B_j in columns j*r:(j+1)*r.
+    """
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float, routing: RoutingState):
         super().__init__()
@@ -51,8 +72,8 @@ class SaptLinear(nn.Module):
         self._routing = routing  # plain attribute: not a submodule, not in the state dict
         d_in, d_out = base_layer.in_features, base_layer.out_features
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
-        self.register_buffer("past_A", torch.zeros(0, r, d_in, **factory))  # (T_old, r, d_in)
-        self.register_buffer("past_B", torch.zeros(0, d_out, r, **factory))  # (T_old, d_out, r)
+        self.register_buffer("past_down", torch.zeros(0, d_in, **factory))
+        self.register_buffer("past_up", torch.zeros(d_out, 0, **factory))
         self.lora_A: nn.Parameter | None = None  # (r, d_in), current task
         self.lora_B: nn.Parameter | None = None  # (d_out, r)
 
@@ -65,14 +86,33 @@ class SaptLinear(nn.Module):
         return self.base_layer.out_features
 
     @property
+    def num_frozen(self) -> int:
+        return self.past_down.shape[0] // self.r
+
+    @property
     def num_blocks(self) -> int:
-        return self.past_A.shape[0] + (self.lora_A is not None)
+        return self.num_frozen + (self.lora_A is not None)
+
+    @property
+    def past_A(self) -> torch.Tensor:
+        """Frozen A matrices as (T_old, r, d_in) (a view)."""
+        return self.past_down.view(self.num_frozen, self.r, self.in_features)
+
+    @property
+    def past_B(self) -> torch.Tensor:
+        """Frozen B matrices as (T_old, d_out, r) (a view)."""
+        return self.past_up.view(self.out_features, self.num_frozen, self.r).permute(1, 0, 2)
+
+    def set_frozen_blocks(self, past_A: torch.Tensor, past_B: torch.Tensor) -> None:
+        """Replace the frozen blocks: A (T, r, d_in), B (T, d_out, r)."""
+        self.past_down = past_A.to(self.past_down).flatten(0, 1).contiguous()
+        self.past_up = past_B.to(self.past_up).permute(1, 0, 2).flatten(1).contiguous()
 
     def add_block(self) -> None:
         """Start a new trainable block: A Kaiming-uniform (a=sqrt(5)), B zeros, so it starts as a no-op."""
         if self.lora_A is not None:
             raise RuntimeError("freeze the current block before adding a new one")
-        device = self.past_A.device
+        device = self.past_down.device
         self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -86,11 +126,12 @@ class SaptLinear(nn.Module):
 
     def thaw_block(self) -> None:
         """Make the newest frozen block trainable again (methods that keep training one block)."""
-        if self.lora_A is not None or not len(self.past_A):
+        if self.lora_A is not None or not self.num_frozen:
             raise RuntimeError("no frozen block to thaw")
-        self.lora_A = nn.Parameter(self.past_A[-1].clone())
-        self.lora_B = nn.Parameter(self.past_B[-1].clone())
-        self.past_A, self.past_B = self.past_A[:-1], self.past_B[:-1]
+        keep = (self.num_frozen - 1) * self.r
+        self.lora_A = nn.Parameter(self.past_down[keep:].clone())
+        self.lora_B = nn.Parameter(self.past_up[:, keep:].clone())
+        self.past_down, self.past_up = self.past_down[:keep].contiguous(), self.past_up[:, :keep].contiguous()
 
     def append_frozen_block(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         if lora_A.shape != (self.r, self.in_features) or lora_B.shape != (self.out_features, self.r):
@@ -98,14 +139,20 @@ class SaptLinear(nn.Module):
                 f"block shapes {tuple(lora_A.shape)}/{tuple(lora_B.shape)} do not fit a rank-{self.r} "
                 f"{self.in_features}->{self.out_features} projection"
             )
-        self.past_A = torch.cat([self.past_A, lora_A.to(self.past_A)[None]])
-        self.past_B = torch.cat([self.past_B, lora_B.to(self.past_B)[None]])
+        self.past_down = torch.cat([self.past_down, lora_A.to(self.past_down)])
+        self.past_up = torch.cat([self.past_up, lora_B.to(self.past_up)], dim=1)
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All blocks, oldest first, in product layout: down (T*r, d_in), up (d_out, T*r)."""
+        if self.lora_A is None:
+            return self.past_down, self.past_up
+        return torch.cat([self.past_down, self.lora_A]), torch.cat([self.past_up, self.lora_B], dim=1)
 
     def stacked_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All blocks, oldest first: A (T, r, d_in), B (T, d_out, r)."""
-        if self.lora_A is None:
-            return self.past_A, self.past_B
-        return torch.cat([self.past_A, self.lora_A[None]]), torch.cat([self.past_B, self.lora_B[None]])
+        down, up = self.matrices()
+        blocks = down.shape[0] // self.r
+        return down.view(blocks, self.r, -1), up.view(up.shape[0], blocks, self.r).permute(1, 0, 2)
 
     def block(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = self.stacked_blocks()
@@ -113,21 +160,18 @@ class SaptLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        A, B = self.stacked_blocks()
-        num_blocks = A.shape[0]
+        num_blocks = self.num_blocks
         if num_blocks == 0:
             return out
-        weights = self._routing.for_batch(x.shape[0]).to(x.dtype)  # (B, T)
-        if weights.shape[1] != num_blocks:
-            raise RuntimeError(f"{weights.shape[1]} routing weights for {num_blocks} blocks")
+        down, up = self.matrices()
         # (..., d_in) @ (d_in, T*r) -> (..., T*r): every block's down-projection at once.
-        hidden = F.linear(self.dropout(x), A.flatten(0, 1).to(x.dtype))
-        hidden = hidden.unflatten(-1, (num_blocks, self.r))  # (B, ..., T, r)
-        weights = weights.view(weights.shape[0], *([1] * (x.dim() - 2)), num_blocks, 1)
-        hidden = (hidden * weights).flatten(-2)  # (B, ..., T*r)
-        # B stacked as (d_out, T*r) so that slice t*r:(t+1)*r of the hidden state meets block t.
-        up = B.permute(1, 0, 2).flatten(1).to(x.dtype)
-        return out + self.scaling * F.linear(hidden, up)
+        hidden = F.linear(self.dropout(x), down.to(x.dtype))
+        weights = self._routing.per_rank(x.shape[0], self.r, x.dtype)  # (B, T*r)
+        if weights.shape[1] != hidden.shape[-1]:
+            raise RuntimeError(f"{weights.shape[1] // self.r} routing weights for {num_blocks} blocks")
+        # Each block's slice is scaled by its routing weight, then all blocks go up in one product.
+        hidden = hidden * weights.view(weights.shape[0], *([1] * (x.dim() - 2)), -1)
+        return out + self.scaling * F.linear(hidden, up.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, blocks={self.num_blocks}"

@@ -53,6 +53,8 @@ class SaptModel(nn.Module):
                 f"no nn.Linear named {config.target_modules} in {type(backbone).__name__}; "
                 "set target_modules to the names of its attention projections"
             )
+        # A plain list: the layers stay registered once, under the backbone.
+        self._layers = [module for module in backbone.modules() if isinstance(module, SaptLinear)]
         self.router = None
         if config.routed:
             device = backbone.get_input_embeddings().weight.device
@@ -100,7 +102,7 @@ class SaptModel(nn.Module):
 
     @property
     def num_blocks(self) -> int:
-        return next(self.sapt_layers())[1].num_blocks
+        return self._layers[0].num_blocks
 
     @property
     def tasks(self) -> list[str]:

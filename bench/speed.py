@@ -1,0 +1,501 @@
+"""Speed and memory of SAPT-LoRA against plain LoRA (peft) and a per-task-loop reference.
+
+    python bench/speed.py [--smoke] [--repeats 5] [--batch 8] [--seq 256] [--threads N] [--json OUT]
+                          [--device cpu|cuda] [--bf16] [--models t5,llama]
+
+Models (random weights built from a config, nothing is downloaded):
+  t5     t5-small's shape: d_model 512, d_ff 2048, 6+6 layers, 8 heads, d_kv 64, vocab 32128.
+         A step sees batch x 256 source tokens and batch x 64 target tokens.
+  llama  hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000.
+         A step sees batch x 256 tokens (the first 192 are the prompt, the loss is on the last 64).
+
+Variants: the frozen backbone alone; one peft LoRA on q and v (r=4, alpha=32); SAPT with 1, 5, 15
+and 30 blocks (blocks 1..T-1 frozen, block T trainable, plus the router); the per-task-loop reference
+(`LoopLinear`, below) at 15 and 30 blocks; SAPT-15 with activation checkpointing (memory).
+
+Measured: the median wall time of a training step (forward + backward + AdamW step), the median wall
+time of greedy generation of 32 new tokens (backbone, LoRA, SAPT-1, SAPT-15, loop-15 only), the peak
+tensor memory of a training step, and the trainable parameters / optimizer state of each variant.
+
+Expected duration of the full run on the 2-core development CPU: 11.5 minutes wall
+(`python bench/speed.py --threads 1`, 685 s inside the script, measured while other jobs kept the
+load at 3-4; an idle box should be faster). On one H200 (--device cuda) the full run takes ~75 s.
+To stay under ~10 minutes there the defaults are 2 timed repeats (not 5) after 1 warm-up step (2 for
+the rows with a memory column; the second is the profiled one) and no warm-up generation (the model
+has just run its training steps). --repeats 5 --warmup 2 --gen-warmup 1 costs about 2x as long.
+On a shared, busy 2-core box pass --threads 1: two OpenMP threads competing with other processes
+made a step 2x and a generation 4x slower than one thread did. --smoke runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sapt.config import SaptConfig
+from sapt.layer import SaptLinear
+from sapt.model import SaptModel
+
+LORA_R, LORA_ALPHA = 4, 32
+
+
+# ---- the per-task-loop reference ------------------------------------------------------------------
+class LoopLinear(SaptLinear):
+    """The release's way of mixing task blocks: a wrapped nn.Linear that loops over the tasks in Python,
+
+        y = W x + sum_j w_j * scaling * B_j(A_j(drop(x)))
+
+    one pair of small matmuls per block. It shares the very tensors of the SaptLinear it replaces
+    (frozen blocks as buffers, the current block as the same Parameters) and reads the same routing
+    state, so both compute the same function with the same trainable parameters; only forward differs.
+    Subclassing keeps SaptModel's bookkeeping (block counts, freezing) working on the swapped model."""
+
+    @classmethod
+    def from_sapt(cls, layer: SaptLinear, routing) -> LoopLinear:
+        loop = cls(layer.base_layer, layer.r, layer.scaling * layer.r, 0.0, routing)
+        loop.scaling, loop.dropout = layer.scaling, layer.dropout
+        loop.routing = routing
+        loop.past_down, loop.past_up = layer.past_down, layer.past_up  # same storage, no copy
+        loop.lora_A, loop.lora_B = layer.lora_A, layer.lora_B  # same Parameter objects
+        return loop
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(A_j, B_j) oldest first, the order of the routing weights (views, not copies)."""
+        pairs = [(self.past_A[j], self.past_B[j]) for j in range(self.past_A.shape[0])]
+        if self.lora_A is not None:
+            pairs.append((self.lora_A, self.lora_B))
+        return pairs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        blocks = self.blocks()
+        if not blocks:
+            return out
+        weights = self.routing.for_batch(x.shape[0]).to(x.dtype)  # (B, T)
+        dropped = self.dropout(x)
+        for j, (A, B) in enumerate(blocks):
+            # w_j and the scaling folded into one (B, 1, .., 1) factor: one full-size multiply per block.
+            factor = (weights[:, j] * self.scaling).view(-1, *([1] * (x.dim() - 1)))
+            out = out + factor * F.linear(F.linear(dropped, A.to(x.dtype)), B.to(x.dtype))
+        return out
+
+
+def swap_to_loop(model: SaptModel) -> int:
+    """Replace every SaptLinear of `model` by the equivalent LoopLinear; return how many."""
+    swapped = 0
+    for name, module in list(model.base_model.named_modules()):
+        if isinstance(module, SaptLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.base_model.get_submodule(parent_name) if parent_name else model.base_model
+            setattr(parent, child, LoopLinear.from_sapt(module, model.routing))
+            swapped += 1
+    return swapped
+
+
+# ---- models and inputs ----------------------------------------------------------------------------
+def model_configs(smoke: bool) -> dict:
+    from transformers import LlamaConfig, T5Config
+
+    if smoke:
+        t5 = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        llama = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0, max_position_embeddings=256)
+    else:
+        # t5-small's shape (its defaults: relu FFN, dropout 0.1, tied embeddings, 32 position buckets).
+        t5 = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
+                      num_heads=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        llama = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                            num_attention_heads=8, num_key_value_heads=8, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0, max_position_embeddings=2048)
+    return {"t5": t5, "llama": llama}
+
+
+def build_backbone(family: str, config, device: torch.device) -> nn.Module:
+    from transformers import LlamaForCausalLM, T5ForConditionalGeneration
+
+    cls = T5ForConditionalGeneration if family == "t5" else LlamaForCausalLM
+    return cls(config).to(device)
+
+
+def make_batch(family: str, vocab: int, batch: int, seq: int, target: int, device, seed: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab, (batch, seq), generator=generator)
+    data = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if family == "t5":
+        data["labels"] = torch.randint(3, vocab, (batch, target), generator=generator)
+    else:
+        labels = input_ids.clone()
+        labels[:, : seq - target] = -100  # prompt positions: no loss, and SAPT routes on them only
+        data["labels"] = labels
+    return {k: v.to(device) for k, v in data.items()}
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # backbone | lora | sapt | loop
+    blocks: int = 0
+    checkpointing: bool = False
+    generate: bool = False
+    memory: bool = False
+
+
+def variants(blocks: list[int], loop_blocks: list[int], mid: int) -> list[Variant]:
+    out = [Variant("backbone", "backbone", generate=True), Variant("lora", "lora", generate=True, memory=True)]
+    for t in blocks:
+        out.append(Variant(f"sapt-{t}", "sapt", t, generate=t in (1, mid), memory=t in (1, mid, max(blocks))))
+    for t in loop_blocks:
+        out.append(Variant(f"loop-{t}", "loop", t, generate=t == mid))
+    out.append(Variant(f"sapt-{mid}+ckpt", "sapt", mid, checkpointing=True, memory=True))
+    return out
+
+
+def build_variant(variant: Variant, family: str, template: nn.Module) -> nn.Module:
+    backbone = copy.deepcopy(template)  # every variant starts from the same weights
+    if variant.kind == "backbone":
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        return backbone
+    if variant.kind == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        targets = ["q", "v"] if family == "t5" else ["q_proj", "v_proj"]
+        task = TaskType.SEQ_2_SEQ_LM if family == "t5" else TaskType.CAUSAL_LM
+        config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets,
+                            task_type=task)
+        return get_peft_model(backbone, config)
+    model = SaptModel(backbone, SaptConfig.for_backbone(backbone, f"bench-{family}", r=LORA_R, alpha=LORA_ALPHA))
+    generator = torch.Generator().manual_seed(1)
+    for t in range(variant.blocks):
+        if t:
+            model.freeze_current_task()
+        model.add_task(f"task{t + 1}")
+        if t < variant.blocks - 1:
+            # Old blocks get non-zero B (they were trained); the current one keeps its zero init.
+            for module in model.modules():
+                if isinstance(module, SaptLinear):
+                    module.lora_B.data.copy_(torch.randn(module.lora_B.shape, generator=generator) * 0.01)
+    if variant.kind == "loop":
+        swap_to_loop(model)
+    if variant.checkpointing:
+        try:
+            model.activation_checkpointing_enable()
+        except AttributeError:
+            # transformers < 5.23 names it gradient_checkpointing_enable; SaptModel only forwards the new name.
+            model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_of(fn, device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated during fn() above what was live when it started.
+
+    CUDA: the caching allocator's own peak counter. CPU: every allocation and free made through
+    PyTorch's CPU allocator is recorded by torch.profiler (profile_memory=True); the running sum of
+    those events, in time order, peaks at the step's high-water mark. This counts tensors only
+    (activations, gradients, optimizer temporaries), not the Python heap or library scratch space."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    running = peak = 0
+    for event in events:
+        running += event.nbytes()  # negative for frees
+        peak = max(peak, running)
+    return peak
+
+
+def training_step(model: nn.Module, variant: Variant, batch: dict, optimizer, autocast):
+    def step():
+        with autocast():
+            if variant.kind == "backbone":
+                # Nothing to train: backpropagate to the input embeddings instead, which runs the same
+                # backward through every layer that any adapter needs (the floor of a step).
+                embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
+                loss = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss
+            else:
+                loss = model(**batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def optimizer_report(model: nn.Module, optimizer) -> dict:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state_tensors = sum(torch.is_tensor(v) for s in optimizer.state.values() for v in s.values())
+    state_bytes = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                      if torch.is_tensor(v))
+    # Which tensors hold state: the current block's A/B of every wrapped layer, or the router.
+    block_params = {id(p) for m in model.modules() if isinstance(m, SaptLinear) and m.lora_A is not None
+                    for p in (m.lora_A, m.lora_B)}
+    frozen = [b for m in model.modules() if isinstance(m, SaptLinear) for b in (m.past_A, m.past_B)]
+    frozen_values = sum(b.numel() for b in frozen)
+    frozen_ids = {id(b) for b in frozen}
+    return {
+        "trainable_tensors": len(trainable),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "optimizer_params_with_state": len(optimizer.state),
+        "optimizer_state_tensors": state_tensors,
+        "optimizer_state_bytes": state_bytes,
+        "state_on_current_block": sum(id(p) in block_params for p in optimizer.state),
+        "state_on_router": sum(id(p) not in block_params for p in optimizer.state),
+        "state_on_frozen_blocks": sum(id(p) in frozen_ids for p in optimizer.state),
+        "frozen_block_values": frozen_values,  # held as buffers: no grad, no optimizer state
+    }
+
+
+def generate_fn(model: nn.Module, family: str, batch: dict, new_tokens: int, autocast, pad_id: int):
+    prompt = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def gen():
+        with torch.no_grad(), autocast():
+            out = model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=pad_id)
+        produced = out.shape[1] - (0 if family == "t5" else prompt["input_ids"].shape[1])
+        expected = new_tokens + (1 if family == "t5" else 0)  # T5 output starts with the decoder start
+        if produced != expected:
+            raise RuntimeError(f"generated {produced} tokens, expected {expected}")
+
+    return gen
+
+
+def run_model(family: str, config, args, device, autocast) -> dict:
+    torch.manual_seed(args.seed)
+    template = build_backbone(family, config, device)
+    batch = make_batch(family, config.vocab_size, args.batch, args.seq, args.target_len, device, args.seed)
+    gen_batch = make_batch(family, config.vocab_size, args.batch, args.seq, args.target_len, device, args.seed + 1)
+    results = {}
+    for variant in variants(args.blocks, args.loop_blocks, args.mid):
+        started = time.perf_counter()
+        torch.manual_seed(args.seed)
+        model = build_variant(variant, family, template)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # fresh per variant
+        step = training_step(model, variant, batch, optimizer, autocast)
+        row = {"kind": variant.kind, "blocks": variant.blocks, "checkpointing": variant.checkpointing}
+        for _ in range(args.warmup):
+            step()  # the first step also allocates the AdamW state
+        if variant.memory:
+            # A steady-state step, profiled; untimed, so it doubles as one more warm-up step.
+            row["peak_step_mem_bytes"] = peak_memory_of(step, device)
+        times = time_calls(step, 0, args.repeats, device)
+        row["step_times_s"], row["step_s"] = times, statistics.median(times)
+        if optimizer is not None:
+            row.update(optimizer_report(model, optimizer))
+        if variant.generate:
+            model.eval()
+            gen = generate_fn(model, family, gen_batch, args.new_tokens, autocast, config.pad_token_id)
+            gen_times = time_calls(gen, args.gen_warmup, args.repeats, device)
+            row["gen_times_s"], row["gen_s"] = gen_times, statistics.median(gen_times)
+        results[variant.name] = row
+        print(f"  [{family}] {variant.name:>14}: step {row['step_s']:.3f}s"
+              + (f", generate {row['gen_s']:.3f}s" if "gen_s" in row else "")
+              + f"  ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+        del model, optimizer, step
+    return results
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+def ratio(value, reference) -> str:
+    return f"{value / reference:.2f}×" if value is not None and reference else "–"
+
+
+def fmt(value, spec: str) -> str:
+    return format(value, spec) if value is not None else "–"
+
+
+def table(family: str, rows: dict, args) -> str:
+    if family == "t5":
+        shape = (f"batch {args.batch} × {args.seq} source tokens + {args.target_len} target tokens; "
+                 f"generation: {args.new_tokens} new tokens from the {args.seq}-token source")
+    else:
+        shape = (f"batch {args.batch} × {args.seq} tokens ({args.seq - args.target_len} prompt + "
+                 f"{args.target_len} with loss); generation: {args.new_tokens} new tokens after a "
+                 f"{args.seq}-token prompt")
+    lora = rows["lora"]
+    lines = [
+        f"### {family} ({shape})",
+        "",
+        "| variant | step (s) | step / LoRA | generate (s) | gen / LoRA | peak step mem (MiB) | mem / LoRA "
+        "| trainable params | opt-state tensors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        mem = row.get("peak_step_mem_bytes")
+        lines.append(
+            f"| {name} | {row['step_s']:.3f} | {ratio(row['step_s'], lora['step_s'])} "
+            f"| {fmt(row.get('gen_s'), '.3f')} | {ratio(row.get('gen_s'), lora.get('gen_s'))} "
+            f"| {fmt(mem / 2**20 if mem is not None else None, '.1f')} "
+            f"| {ratio(mem, lora.get('peak_step_mem_bytes'))} "
+            f"| {fmt(row.get('trainable_params'), ',')} | {fmt(row.get('optimizer_state_tensors'), 'd')} |"
+        )
+    lines += ["", "| SAPT variant | trainable tensors | params with AdamW state | on current block | on router "
+              "| on frozen blocks | frozen block values (buffers) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        if row["kind"] in ("sapt", "loop"):
+            lines.append(
+                f"| {name} | {row['trainable_tensors']} | {row['optimizer_params_with_state']} "
+                f"| {row['state_on_current_block']} | {row['state_on_router']} | {row['state_on_frozen_blocks']} "
+                f"| {row['frozen_block_values']:,} |"
+            )
+    lines += [
+        "",
+        f"Times: median of {args.repeats} timed runs after {args.warmup} warm-up step(s) (+1, profiled, for "
+        f"rows with a memory column) and {args.gen_warmup} warm-up generation(s); device {args.device}"
+        + (", bf16 autocast" if args.bf16 else ", fp32") + f", {torch.get_num_threads()} threads. "
+        "Step = forward + backward + AdamW step (fresh optimizer per variant); the backbone row has nothing to "
+        "train, so it backpropagates to the input embeddings (the backward every adapter pays) and has no "
+        "optimizer step. Generation: greedy, min_new_tokens = max_new_tokens, KV cache on.",
+        "Peak step mem: "
+        + ("torch.cuda.max_memory_allocated during one step minus the memory allocated before it"
+           if args.device == "cuda" else
+           "high-water mark of tensor bytes allocated through PyTorch's CPU allocator during one steady-state "
+           "step, above what was live before it (torch.profiler memory events, summed in time order)")
+        + ": activations, gradients and temporaries; weights and the existing AdamW state are not counted "
+        "(AdamW state: `opt-state tensors` = step, exp_avg, exp_avg_sq per parameter that has received a "
+        "gradient; frozen blocks are buffers and never get any). At 1 block the router gets no gradient "
+        "(a ≡ 1), so its parameters hold no state.",
+    ]
+    return "\n".join(lines)
+
+
+def targets(all_results: dict, args) -> tuple[str, list[dict]]:
+    mid, top = args.mid, max(args.blocks)
+    checks = []
+    for family, rows in all_results.items():
+        lora, s_mid, s_top, loop_mid = rows["lora"], rows[f"sapt-{mid}"], rows[f"sapt-{top}"], rows.get(f"loop-{mid}")
+        items = [
+            (f"SAPT-{mid} step ≤ 1.10× LoRA", s_mid["step_s"] / lora["step_s"], "<=", 1.10),
+            (f"SAPT-{top} step ≤ 1.20× LoRA", s_top["step_s"] / lora["step_s"], "<=", 1.20),
+        ]
+        if loop_mid is not None:
+            items.append((f"loop-{mid} / SAPT-{mid} step ≥ 1.25", loop_mid["step_s"] / s_mid["step_s"], ">=", 1.25))
+        items.append((f"SAPT-{mid} generate ≤ 1.10× LoRA", s_mid["gen_s"] / lora["gen_s"], "<=", 1.10))
+        for label, value, op, bound in items:
+            ok = value <= bound if op == "<=" else value >= bound
+            checks.append({"model": family, "target": label, "value": round(value, 4), "pass": ok})
+    lines = ["## targets", "", "| model | target | measured | result |", "|---|---|---:|---|"]
+    lines += [f"| {c['model']} | {c['target']} | {c['value']:.2f} | {'PASS' if c['pass'] else 'FAIL'} |"
+              for c in checks]
+    return "\n".join(lines), checks
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 1 repeat, blocks 1 and 3")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed warm-up steps (default 1; variants with a memory column run one more, "
+                        "profiled)")
+    parser.add_argument("--gen-warmup", type=int, default=None,
+                        help="untimed warm-up generations (default 0: the training steps before already ran "
+                        "every kernel; 1 with --smoke)")
+    parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --smoke)")
+    parser.add_argument("--seq", type=int, default=None, help="source / prompt tokens (default 256; 16 smoke)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's; 1 with --smoke, which is tiny and only "
+                        "loses to thread hand-offs, badly so on a busy machine)")
+    parser.add_argument("--json", default=None, help="write every measurement here")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--models", default="t5,llama")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    smoke = args.smoke
+    defaults = {"repeats": 1 if smoke else 2, "warmup": 1, "gen_warmup": 1 if smoke else 0,
+                "batch": 2 if smoke else 8, "seq": 16 if smoke else 256}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.target_len = min(4 if smoke else 64, args.seq - 1)
+    args.new_tokens = 4 if smoke else 32
+    args.blocks = [1, 3] if smoke else [1, 5, 15, 30]
+    args.loop_blocks = [3] if smoke else [15, 30]
+    args.mid = args.loop_blocks[0]  # the block count of the generation, checkpointing and target checks
+    if smoke and args.threads is None:
+        args.threads = 1
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    # peft still calls the deprecated `is_gradient_checkpointing`; the notice is noise in a benchmark.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+    started = time.perf_counter()
+    configs = model_configs(args.smoke)
+    results = {family: run_model(family, configs[family], args, device, autocast) for family in args.models}
+    report = [table(family, rows, args) for family, rows in results.items()]
+    target_text, checks = targets(results, args)
+    wall = time.perf_counter() - started
+    print("\n\n".join(report + [target_text]))
+    print(f"\n(total {wall:.0f} s)")
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        payload = {"settings": settings, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "models": results, "targets": checks, "wall_s": wall}
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""bench/speed.py: the smoke run end to end, and the fairness of its per-task-loop reference."""
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO_ROOT, make_sapt, sample_batch
+from sapt.layer import RoutingState, SaptLinear
+
+SPEED = REPO_ROOT / "bench" / "speed.py"
+
+
+def load_speed():
+    if "bench_speed" in sys.modules:
+        return sys.modules["bench_speed"]
+    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_speed"] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(SPEED), "--smoke", "--json", str(out)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for heading in ("### t5", "### llama", "## targets", "| variant | step (s) |"):
+        assert heading in proc.stdout
+    assert "PASS" in proc.stdout or "FAIL" in proc.stdout
+
+    data = json.loads(out.read_text())
+    expected = {"backbone", "lora", "sapt-1", "sapt-3", "loop-3", "sapt-3+ckpt"}
+    generated = {"backbone", "lora", "sapt-1", "sapt-3", "loop-3"}
+    with_memory = {"lora", "sapt-1", "sapt-3", "sapt-3+ckpt"}
+    for family in ("t5", "llama"):
+        rows = data["models"][family]
+        assert set(rows) == expected
+        for name, row in rows.items():
+            assert row["step_s"] > 0 and all(t > 0 for t in row["step_times_s"]), name
+            if name in generated:
+                assert row["gen_s"] > 0, name
+            if name in with_memory:
+                assert row["peak_step_mem_bytes"] > 0, name
+            if row["kind"] in ("sapt", "loop"):
+                # Old blocks are buffers: only the current block and the router can hold AdamW state.
+                assert row["state_on_frozen_blocks"] == 0
+                assert row["optimizer_params_with_state"] == row["state_on_current_block"] + row["state_on_router"]
+        assert rows["sapt-1"]["state_on_router"] == 0  # a ≡ 1: the router gets no gradient
+        assert rows["sapt-3"]["frozen_block_values"] > 0
+        assert rows["loop-3"]["trainable_params"] == rows["sapt-3"]["trainable_params"]
+    assert {c["model"] for c in data["targets"]} == {"t5", "llama"}
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3, 15])
+@pytest.mark.parametrize("d_in,d_out", [(16, 16), (16, 24)])
+def test_loop_reference_equals_sapt_linear(num_tasks, d_in, d_out):
+    speed = load_speed()
+    torch.manual_seed(num_tasks)
+    routing = RoutingState()
+    layer = SaptLinear(nn.Linear(d_in, d_out), r=4, alpha=32, dropout=0.0, routing=routing)
+    for _ in range(num_tasks):
+        layer.freeze_block()
+        layer.add_block()
+        nn.init.normal_(layer.lora_B)
+    loop = speed.LoopLinear.from_sapt(layer, routing)
+    # Same tensors, not copies: the loop trains exactly the SaptLinear's current block.
+    assert loop.lora_A is layer.lora_A and loop.lora_B is layer.lora_B
+    assert loop.past_down.data_ptr() == layer.past_down.data_ptr()
+    assert {n for n, _ in loop.named_parameters()} == {n for n, _ in layer.named_parameters()}
+
+    x = torch.randn(3, 5, d_in)
+    routing.weights = torch.randn(3, num_tasks).softmax(-1)
+    expected, actual = layer(x), loop(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [layer.lora_A, layer.lora_B], grad)
+    actual_grads = torch.autograd.grad(actual, [loop.lora_A, loop.lora_B], grad)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_swapped_model_computes_the_same_loss(family):
+    speed = load_speed()
+    model = make_sapt(family, 4)
+    looped = copy.deepcopy(model)
+    assert speed.swap_to_loop(looped) == sum(1 for _ in model.sapt_layers())
+    batch = sample_batch(family)
+    torch.testing.assert_close(looped(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert looped.num_blocks == 4
