@@ -85,14 +85,22 @@ class SaptModel(nn.Module):
         kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:
             raise ValueError("SAPT needs non-reentrant checkpointing (use_reentrant=False)")
-        self.base_model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        if hasattr(self.base_model, "activation_checkpointing_enable"):
+            self.base_model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        else:  # transformers releases before the rename
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def activation_checkpointing_disable(self) -> None:
-        self.base_model.activation_checkpointing_disable()
+        if hasattr(self.base_model, "activation_checkpointing_disable"):
+            self.base_model.activation_checkpointing_disable()
+        else:
+            self.base_model.gradient_checkpointing_disable()
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return self.base_model.is_activation_checkpointing
+        if hasattr(type(self.base_model), "is_activation_checkpointing"):
+            return self.base_model.is_activation_checkpointing
+        return self.base_model.is_gradient_checkpointing
 
     # ---- blocks and tasks -----------------------------------------------------------------------
     def sapt_layers(self) -> Iterator[tuple[str, SaptLinear]]:
