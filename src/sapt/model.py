@@ -36,8 +36,8 @@ def _wrap_projections(backbone: nn.Module, config: SaptConfig, routing: RoutingS
 class SaptModel(nn.Module):
     """Backbone + per-task LoRA blocks + router. `forward`/`generate` take the backbone's arguments."""
 
-    # The Trainer then divides the whole loss (CE + ARM) by the accumulation steps, so both terms are
-    # scaled alike (the release scaled only CE; SPEC 2.2).
+    # The backbone's loss is a plain per-batch mean (T5 ignores token counts); SaptTrainer rescales it
+    # and scales the ARM term alike (the release scaled only CE; SPEC 2.2).
     accepts_loss_kwargs = False
     main_input_name = "input_ids"
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from .io import save_tensors_atomic
+from .model import IGNORE_INDEX
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -30,15 +31,33 @@ class SaptTrainer(Trainer):
         self.regularizers = [(weight, term) for weight, term in regularizers if weight]
         self.router_learning_rate = router_learning_rate
         self.generation_kwargs = generation_kwargs or {}
+        # Makes the Trainer count the label tokens of each optimizer step (compute_loss uses the count);
+        # the model itself is never given that count.
+        self.model_accepts_loss_kwargs = True
 
     # ---- loss ---------------------------------------------------------------------------------
+    # The loss is normalised here, not by the model: CE becomes this micro-batch's share of the mean
+    # over every label token of the whole optimizer step (all accumulation steps, all processes), so
+    # one process with the global batch and N processes with 1/N of it take the same step. Extra
+    # terms (ARM, O-LoRA) are per-batch means and are divided by the accumulation steps alike.
+    loss_is_scaled_for_ga = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """CE plus each weighted extra term (SAPT's ARM, O-LoRA's orthogonality, ...) while training."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs)
+        loss = outputs.loss  # mean over this micro-batch's label tokens
+        steps = self.current_gradient_accumulation_steps if model.training else 1
+        if num_items_in_batch is not None and model.training:
+            local_tokens = inputs["labels"].ne(IGNORE_INDEX).sum()
+            loss = loss * local_tokens / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
+        else:
+            loss = loss / steps
         if model.training:
             sapt_model = self.accelerator.unwrap_model(model)
             for weight, term in self.regularizers:
-                loss = loss + weight * term(sapt_model)
+                loss = loss + weight * term(sapt_model) / steps
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
