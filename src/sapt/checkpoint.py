@@ -11,6 +11,7 @@ A task folder (`outputs/<i>-<task>/`) holds:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -37,11 +38,17 @@ class CheckpointError(ValueError):
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file is missing") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: malformed JSON (not UTF-8 text: {err.reason})") from None
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: malformed JSON ({(str(err) or type(err).__name__).splitlines()[0][:120]})") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -97,11 +104,11 @@ def load_routing_mean(task_dir: str | Path) -> list[float]:
     """ā of a task, oldest block first (the file stores it newest first, as the SPEC writes it)."""
     path = Path(task_dir) / ROUTING_MEAN_FILE
     data = _read_json(path)
-    try:
-        weights = [float(w) for w in data["weights"]]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{path}: expected {{'tasks': [...], 'weights': [numbers]}}") from None
-    if not weights or abs(sum(weights) - 1.0) > 1e-3 or min(weights) < 0:
+    raw = data.get("weights") if isinstance(data, dict) else None
+    if not isinstance(raw, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in raw):
+        raise CheckpointError(f"{path}: expected {{'tasks': [...], 'weights': [numbers]}}")
+    weights = [float(w) for w in raw]
+    if not weights or not all(math.isfinite(w) for w in weights) or abs(sum(weights) - 1.0) > 1e-3 or min(weights) < 0:
         raise CheckpointError(f"{path}: weights are not a probability distribution")
     return weights[::-1]
 
@@ -112,6 +119,24 @@ def load_config(task_dir: str | Path) -> SaptConfig:
         return SaptConfig.load(task_dir)
     except (FileNotFoundError, ValueError) as err:
         raise CheckpointError(str(err)) from None
+    except OSError as err:  # a folder or an unreadable file in place of the config
+        raise CheckpointError(f"{Path(task_dir) / CONFIG_NAME}: cannot read ({err.strerror or err})") from None
+
+
+def read_lineage(task_dir: str | Path, config: SaptConfig) -> list[str]:
+    """The folder of each block of `task_dir` (relative to it, oldest first), checked against the config."""
+    path = Path(task_dir) / LINEAGE_FILE
+    data = _read_json(path)
+    blocks = data.get("blocks") if isinstance(data, dict) else None
+    if not isinstance(blocks, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("task"), str) and isinstance(e.get("dir"), str) and e["dir"]
+        for e in blocks
+    ):
+        raise CheckpointError(f"{path}: expected {{'blocks': [{{'task': ..., 'dir': ...}}, ...]}}")
+    owners = config.tasks if config.block_per_task else config.tasks[-1:]
+    if [entry["task"] for entry in blocks] != list(owners):
+        raise CheckpointError(f"{path}: blocks do not match the tasks {config.tasks}")
+    return [entry["dir"] for entry in blocks]
 
 
 def resolve_task_dir(path: str | Path) -> Path:
@@ -134,10 +159,7 @@ def restore_model(backbone, task_dir: str | Path, config: SaptConfig | None = No
     """Wrap `backbone` and load every block, the keys and the query network of `task_dir`, all frozen."""
     task_dir = Path(task_dir)
     config = config or load_config(task_dir)
-    lineage = _read_json(task_dir / LINEAGE_FILE).get("blocks", [])
-    owners = config.tasks if config.block_per_task else config.tasks[-1:]
-    if [entry.get("task") for entry in lineage] != owners or not all(isinstance(e.get("dir"), str) for e in lineage):
-        raise CheckpointError(f"{task_dir / LINEAGE_FILE}: blocks do not match the tasks {config.tasks}")
+    lineage = [{"dir": d} for d in read_lineage(task_dir, config)]
     model_type = backbone.config.model_type
     hidden = backbone.get_input_embeddings().embedding_dim
     if (model_type, hidden) != (config.model_type, config.hidden_size):

@@ -116,10 +116,15 @@ class SaptConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> SaptConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown SAPT config keys: {sorted(unknown)}")
+        for name, value in data.items():
+            if not _FIELD_CHECKS[name](value):
+                raise ValueError(f"{name!r} is {value!r}, expected {_FIELD_KINDS[name]}")
         return cls(**data)
 
     @classmethod
@@ -150,3 +155,32 @@ class SaptConfig:
             raise FileNotFoundError(f"{path}: no SAPT config here") from None
         except (json.JSONDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"{path}: invalid SAPT config ({err})") from None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What each field of a stored config may hold (a hand-edited or damaged file fails here, by name).
+_FIELD_KINDS = {
+    "base_model_name_or_path": "a string", "model_type": "a string", "is_encoder_decoder": "true or false",
+    "hidden_size": "a positive integer", "target_modules": "a list of strings", "r": "a positive integer",
+    "alpha": "a number", "dropout": "a number in [0, 1)", "query_dim": "a positive integer",
+    "temperature": "a name or a number", "pool_padding": "true or false", "method": "a string",
+    "tasks": "a list of strings",
+}
+_FIELD_CHECKS = {
+    "base_model_name_or_path": lambda v: isinstance(v, str),
+    "model_type": lambda v: isinstance(v, str) and bool(v),
+    "is_encoder_decoder": lambda v: isinstance(v, bool),
+    "hidden_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "target_modules": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
+    "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "alpha": _is_number,
+    "dropout": lambda v: _is_number(v) and 0 <= v < 1,
+    "query_dim": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+    "temperature": lambda v: isinstance(v, str) or _is_number(v),
+    "pool_padding": lambda v: isinstance(v, bool),
+    "method": lambda v: isinstance(v, str),
+    "tasks": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+}

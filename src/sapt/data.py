@@ -50,20 +50,40 @@ def format_prompt(benchmark: str, definition: str, text: str) -> str:
     return LONG_TEMPLATE.format(definition=definition, input=text)
 
 
-def read_split_file(path: Path) -> tuple[str, list[dict]]:
-    """(definition, instances) of one split file, validated."""
+def _is_text(value) -> bool:
+    """A str that is valid Unicode (JSON escapes can produce lone surrogates, which no tokenizer takes)."""
+    if not isinstance(value, str):
+        return False
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_split_file(path: Path) -> tuple[str, list[dict]]:
+    """(definition, instances) of one split file, validated. Any problem is a DataError naming the file."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: split file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: malformed JSON ({err})") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: expected a split file, found a folder") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read split file ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: malformed JSON (not UTF-8 text: {err.reason} at byte {err.start})") from None
+    except (ValueError, RecursionError) as err:  # e.g. integers too long to convert, nesting too deep
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{path}: malformed JSON ({detail[:120]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
         raise DataError(f"{path}: expected a JSON object with an 'Instances' list")
     definition = data.get("Definition", "")
     if isinstance(definition, list):
         definition = definition[0] if definition else ""
-    if not isinstance(definition, str):
+    if not _is_text(definition):
         raise DataError(f"{path}: 'Definition' must be a string or a list of strings")
     instances = data["Instances"]
     if not instances:
@@ -72,8 +92,8 @@ def read_split_file(path: Path) -> tuple[str, list[dict]]:
         if not isinstance(instance, dict) or "input" not in instance or "output" not in instance:
             raise DataError(f"{path}: instance {number} lacks 'input' or 'output'")
         output = instance["output"]
-        valid_list = isinstance(output, list) and output and all(isinstance(o, str) for o in output)
-        if not isinstance(instance["input"], str) or not (isinstance(output, str) or valid_list):
+        valid_list = isinstance(output, list) and output and all(_is_text(o) for o in output)
+        if not _is_text(instance["input"]) or not (_is_text(output) or valid_list):
             raise DataError(f"{path}: instance {number} has a non-text 'input' or 'output'")
     return definition.strip(), instances
 

@@ -88,6 +88,23 @@ def _load_pt(path: Path):
         raise CheckpointError(f"{path}: not a plain tensor file ({detail})") from None
 
 
+def _dense(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A plain dense CPU tensor (sparse, quantized, nested or meta tensors are refused), detached."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested or tensor.device.type != "cpu":
+        raise CheckpointError(
+            f"{path}: {key} is a {tensor.layout} tensor on {tensor.device.type}, expected a dense CPU tensor"
+        )
+    return tensor.detach()
+
+
+def _finite_float(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` as float32, refusing NaN and infinite values (they would poison every output)."""
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
+    return tensor
+
+
 def _load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
     data = _load_pt(path)
     if not isinstance(data, Mapping):
@@ -95,7 +112,7 @@ def _load_tensor_dict(path: Path) -> dict[str, torch.Tensor]:
     for name, value in data.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, expected a tensor")
-    return {name: value.detach() for name, value in data.items()}
+    return {name: _dense(path, name, value) for name, value in data.items()}
 
 
 def _floating_matrix(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -103,7 +120,7 @@ def _floating_matrix(path: Path, key: str, tensor: torch.Tensor) -> torch.Tensor
         raise CheckpointError(
             f"{path}: {key} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, expected a float matrix"
         )
-    return tensor.float()
+    return _finite_float(path, key, tensor)
 
 
 def _map_block(path: Path, tensors: dict[str, torch.Tensor], part: str, family: str) -> dict[str, torch.Tensor]:
@@ -166,18 +183,21 @@ def _read_query_net(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, expected {shape}")
     if not all(t.is_floating_point() for t in (down, up, ln_weight, ln_bias)):
         raise CheckpointError(f"{path}: query network tensors must be floating point")
-    return {key: tensors[key].float() for key in QUERY_NET_KEYS}
+    if 0 in down.shape:
+        raise CheckpointError(f"{path}: 0.weight has shape {tuple(down.shape)}, expected (query_dim, d) with both > 0")
+    return {key: _finite_float(path, key, tensors[key]) for key in QUERY_NET_KEYS}
 
 
 def _read_keys(path: Path, index: int, hidden: int) -> torch.Tensor:
     keys = _load_pt(path)
     if not isinstance(keys, torch.Tensor) or not keys.is_floating_point():
         raise CheckpointError(f"{path}: expected a float tensor of task keys, found {type(keys).__name__}")
+    keys = _dense(path, "the keys", keys)
     if tuple(keys.shape) != (index, hidden):
         raise CheckpointError(
             f"{path}: keys have shape {tuple(keys.shape)}, expected ({index}, {hidden}) for task {index}"
         )
-    return keys.detach().float()
+    return _finite_float(path, "the keys", keys)
 
 
 def _read_routing_mean(path: Path, index: int) -> list[float]:

@@ -169,7 +169,7 @@ class SaptModel(nn.Module):
     ) -> torch.Tensor:
         """(B, T) scores <k_j, q(x)> / tau, blocks oldest first. Runs only embeddings -> router."""
         if self.router is None:
-            raise RuntimeError("a single-task model has no router")
+            raise RuntimeError(f"{self.sapt_config.method} has no router")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         pooled = max_pool(inputs_embeds, self.routing_mask(attention_mask, labels))  # (B, d)

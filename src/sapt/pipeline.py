@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import METHODS
 from .io import write_json_atomic, write_text_atomic
+from .validation import OneLineArgumentParser, check_task_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
@@ -121,7 +122,7 @@ def parse_set(values: list[str]) -> dict:
 def build_parser(preset: str, settings: dict, orders: dict) -> argparse.ArgumentParser:
     family = settings["family"]
     available = sorted(orders[settings["benchmark"]], key=int)
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=f"gen_script_{preset}.py",
         description=f"Write the {settings['benchmark']} / {family} experiment as a shell pipeline.",
     )
@@ -157,6 +158,7 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     ns = parser.parse_args(argv)
     try:
         extra = parse_set(ns.set)
+        check_task_overrides(extra)
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
     if ns.gpus is not None and ns.gpus < 0:

@@ -49,6 +49,7 @@ from .metrics import compute_metrics
 from .model import SaptModel
 from .reflection import AttentiveReflection
 from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer
+from .validation import UsageError, parse_task_arguments, validate_task_inputs
 
 logger = logging.getLogger("sapt")
 
@@ -113,10 +114,6 @@ class SaptArguments:
     def __post_init__(self):
         if self.single_task:
             self.method = "single"
-
-
-class UsageError(ValueError):
-    """A mistake in the command line (reported in one line, exit status 2)."""
 
 
 @dataclass
@@ -249,6 +246,7 @@ def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, s
 
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     task_plan = plan(args)
+    validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
     output_dir = Path(training_args.output_dir)
     metric = METRIC_OF_BENCHMARK[benchmark_of(args.data_dir, args.task)]
     set_seed(training_args.seed)
@@ -355,19 +353,24 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     return results
 
 
+def launch_defaults() -> dict:
+    """The release's settings, plus gloo on the CPU when launched as several processes (torchrun)."""
+    defaults = dict(RELEASE_DEFAULTS)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        defaults.update(use_cpu=True, ddp_backend="gloo")
+    return defaults
+
+
 def main(argv: list[str] | None = None) -> int:
+    defaults = launch_defaults()
     parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
-    parser.set_defaults(**RELEASE_DEFAULTS)
+    parser.set_defaults(**defaults)
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):  # one task's config, as the pipelines write them
-        try:
-            config = json.loads(Path(argv[0]).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            print(f"sapt.train_task: error: {argv[0]}: cannot read config ({err})", file=sys.stderr)
-            return 2
-        sapt_args, training_args = parser.parse_dict({**RELEASE_DEFAULTS, **config})
-    else:
-        sapt_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:  # a command line or one task's JSON config, as the pipelines write them
+        sapt_args, training_args = parse_task_arguments(parser, argv, defaults)
+    except UsageError as err:
+        print(f"sapt.train_task: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         results = run(sapt_args, training_args)
