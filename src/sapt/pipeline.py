@@ -83,6 +83,9 @@ class Experiment:
             "per_device_eval_batch_size": s["per_device_train_batch_size"] * 2,
             "gradient_accumulation_steps": s["gradient_accumulation_steps"],
             "eval_every_epochs": s["eval_every_epochs"],
+            # A checkpoint per epoch (the last one kept) lets an interrupted task continue mid-way.
+            "save_strategy": "epoch",
+            "save_total_limit": 1,
             "seed": self.seed,
             "bf16": not self.quick,
             "logging_steps": 10,

@@ -342,7 +342,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # force: an imported library (absl, via rouge-score) already put a WARNING-level handler on the root
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     settings = GeneratorSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         source_length=args.source_length, target_length=args.target_length, ratio=args.ratio,

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ import torch
 from datasets import concatenate_datasets
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import (
@@ -48,7 +51,7 @@ from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .metrics import compute_metrics
 from .model import SaptModel
 from .reflection import AttentiveReflection
-from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer
+from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, StopOnSignal
 from .validation import UsageError, parse_task_arguments, validate_task_inputs
 
 logger = logging.getLogger("sapt")
@@ -107,6 +110,9 @@ class SaptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples per task."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on dev examples per task."})
     max_predict_samples: int | None = field(default=None, metadata={"help": "Cap on test examples per task."})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep the Trainer checkpoints once the task is complete (default: remove)."}
+    )
     eval_every_epochs: int | None = field(
         default=None, metadata={"help": "Evaluate on dev (and save, if saving is on) every N epochs, as the release."}
     )
@@ -229,25 +235,28 @@ def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
     return train, dev, tests
 
 
-def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed) -> list[tuple[float, object]]:
-    """The weighted loss terms added to CE for this method."""
+def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed):
+    """The weighted loss terms added to CE for this method, and the stateful ones among them."""
     if args.method == "o_lora":
-        return [(args.orthogonal_weight, orthogonality_loss), (args.l2_weight, l2_loss)]
+        return [(args.orthogonal_weight, orthogonality_loss), (args.l2_weight, l2_loss)], []
     earlier = task_plan.learned[:-1]
     if args.method != "sapt" or not earlier or args.no_reflection or args.kl_ratio <= 0:
-        return []
+        return [], []
     if not args.gen_data_dir:
         raise UsageError("--gen_data_dir is required for ARM after the first task (or pass --no_reflection)")
     pseudo = [load_pseudo_split(args.gen_data_dir, t, seed) for t in earlier]
     means = [load_routing_mean(d) for d in earlier_dirs]
     reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks)
-    return [(args.kl_ratio, reflection.loss)]
+    return [(args.kl_ratio, reflection.loss)], [reflection]
 
 
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     task_plan = plan(args)
     validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
     output_dir = Path(training_args.output_dir)
+    if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
+        logger.info("%s is complete; nothing to do", output_dir)
+        return json.loads((output_dir / "all_results.json").read_text())
     metric = METRIC_OF_BENCHMARK[benchmark_of(args.data_dir, args.task)]
     set_seed(training_args.seed)
 
@@ -265,7 +274,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
     train_collator = Collator(tokenizer, is_encoder_decoder, **lengths)
     generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True)
-    terms = training_terms(
+    terms, stateful_terms = training_terms(
         args, model, task_plan, earlier_dirs, generation_collator, training_args.per_device_train_batch_size,
         training_args.seed,
     )
@@ -288,6 +297,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         compute_metrics=dev_metrics,
         regularizers=terms,
         router_learning_rate=args.router_learning_rate,
+        checkpoint_parts=stateful_terms,
         generation_kwargs={
             "max_new_tokens": training_args.generation_max_length or 50,
             "num_beams": training_args.generation_num_beams or 1,
@@ -296,17 +306,36 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     )
     selection = KeepBestTrainable(model, metric)
     trainer.add_callback(selection)
+    trainer.checkpoint_parts.append(selection)
     if args.eval_every_epochs:
         trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
     evaluates = training_args.eval_strategy != "no" or bool(args.eval_every_epochs)
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = training_args.resume_from_checkpoint
+    if resume is None and output_dir.is_dir():
+        resume = get_last_checkpoint(str(output_dir))  # an interrupted run of this task continues
+    if resume:
+        logger.info("resuming %s from %s", args.task, resume)
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        raise Interrupted(
+            f"{output_dir}: interrupted by {signal.Signals(stop.received).name} at step {trainer.state.global_step}; "
+            "a checkpoint was saved: run the same command again to continue",
+            128 + stop.received,
+        )
     if evaluates and selection.last_eval_step != trainer.state.global_step:
         trainer.evaluate()
     selection.restore()
     model.freeze_current_task()
 
     # ---- artifacts, ā, predictions --------------------------------------------------------------
-    results = dict(train_result.metrics)
+    # all_results.json holds only what a seed determines, however often the run was interrupted;
+    # the Trainer's own statistics (times, the loss averaged since the last resume) go beside it.
+    results = {}
     if selection.best_score is not None:
         results[f"best_eval_{metric}"] = selection.best_score
         results["best_step"] = selection.best_step
@@ -344,13 +373,25 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         if model.router is not None:
             write_json_atomic(output_dir / "routing_weights.json", routing_report)
         write_json_atomic(output_dir / "all_results.json", results)
+        write_json_atomic(output_dir / "train_results.json", train_result.metrics)
         write_text_atomic(output_dir.parent / "task_order.txt", ",".join(task_plan.order) + "\n")
         # Written last: later tasks accept this folder only when it is there.
         write_json_atomic(
             output_dir / COMPLETE_FILE,
             {"task": args.task, "position": task_plan.position + 1, "method": args.method, "tasks": model.tasks},
         )
+        if not args.keep_checkpoints:
+            for checkpoint in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                shutil.rmtree(checkpoint, ignore_errors=True)
     return results
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def launch_defaults() -> dict:
@@ -371,12 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"sapt.train_task: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # force: an imported library (absl, via rouge-score) already put a WARNING-level handler on the root
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
     try:
         results = run(sapt_args, training_args)
     except (UsageError, DataError, CheckpointError) as err:
         print(f"sapt.train_task: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"sapt.train_task: {stop.args[0]}", file=sys.stderr)
+        return stop.exit_code
     logger.info("done: %s", {k: v for k, v in results.items() if k.startswith("predict_")})
     return 0
 

@@ -3,6 +3,8 @@ evaluation, and light checkpoints holding only what trains."""
 
 from __future__ import annotations
 
+import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
-from .io import save_tensors_atomic
+from .io import save_tensors_atomic, write_json_atomic
 from .model import IGNORE_INDEX
 
 TRAINABLE_FILE = "trainable.safetensors"
+BEST_FILE = "best_trainable.safetensors"
+SELECTION_FILE = "selection.json"
 
 
 class SaptTrainer(Trainer):
@@ -24,6 +28,7 @@ class SaptTrainer(Trainer):
         regularizers: list[tuple[float, Callable]] = (),
         router_learning_rate: float | None = None,
         generation_kwargs: dict | None = None,
+        checkpoint_parts: list = (),
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -31,6 +36,8 @@ class SaptTrainer(Trainer):
         self.regularizers = [(weight, term) for weight, term in regularizers if weight]
         self.router_learning_rate = router_learning_rate
         self.generation_kwargs = generation_kwargs or {}
+        # Objects with save(dir)/load(dir) whose state must survive a resume (model selection, ARM position).
+        self.checkpoint_parts = list(checkpoint_parts)
         # Makes the Trainer count the label tokens of each optimizer step (compute_loss uses the count);
         # the model itself is never given that count.
         self.model_accepts_loss_kwargs = True
@@ -107,6 +114,8 @@ class SaptTrainer(Trainer):
             model = self.accelerator.unwrap_model(self.model)
             tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
             save_tensors_atomic(output_dir / TRAINABLE_FILE, tensors)
+            for part in self.checkpoint_parts:
+                part.save(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.accelerator.unwrap_model(model or self.model)
@@ -115,6 +124,8 @@ class SaptTrainer(Trainer):
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
+        for part in self.checkpoint_parts:
+            part.load(resume_from_checkpoint)
 
 
 class KeepBestTrainable(TrainerCallback):
@@ -137,6 +148,24 @@ class KeepBestTrainable(TrainerCallback):
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_step = score, state.global_step
             self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save(self, directory) -> None:
+        """Keep the best snapshot with each Trainer checkpoint, so selection survives a resume."""
+        if self._snapshot is not None:
+            save_tensors_atomic(Path(directory) / BEST_FILE, self._snapshot)
+        write_json_atomic(
+            Path(directory) / SELECTION_FILE,
+            {"best_score": self.best_score, "best_step": self.best_step, "last_eval_step": self.last_eval_step},
+        )
+
+    def load(self, directory) -> None:
+        directory = Path(directory)
+        if (directory / SELECTION_FILE).is_file():
+            state = json.loads((directory / SELECTION_FILE).read_text())
+            self.best_score, self.best_step = state["best_score"], state["best_step"]
+            self.last_eval_step = state["last_eval_step"]
+        if (directory / BEST_FILE).is_file():
+            self._snapshot = load_file(str(directory / BEST_FILE))
 
     def restore(self) -> None:
         if self._snapshot is None:
@@ -161,3 +190,27 @@ class EveryNEpochs(TrainerCallback):
             control.should_evaluate = True
             control.should_save = control.should_save or self.save
         return control
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint, stop training."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now, as without this handler
+            self.uninstall()
+            signal.raise_signal(signum)
+        self.received = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

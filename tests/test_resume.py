@@ -1,0 +1,114 @@
+"""A run survives being killed: pipelines continue mid-task, finished tasks stay untouched, results
+equal an uninterrupted run; the same seed gives the same all_results.json; SIGTERM saves and stops."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BENCHMARK, REPO_ROOT, SHARED, requires_benchmark
+from sapt.pipeline import main as pipeline_main
+
+
+def write_pipeline(workdir: Path) -> Path:
+    script = workdir / "quick.sh"
+    argv = [
+        "--quick", "--workdir", str(workdir), "--output", str(script), "--run_name", "q",
+        "--data_dir", str(SHARED / "CL_Benchmark"), "--gen_data_root", str(SHARED / "generated_data"),
+        "--set", "max_train_samples=8", "--set", "max_eval_samples=4", "--set", "max_predict_samples=4",
+        "--set", "num_train_epochs=2",
+    ]
+    assert pipeline_main("superni_t5", argv) == 0
+    return script
+
+
+def run(script: Path) -> str:
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def outputs(workdir: Path) -> Path:
+    return workdir / "logs_and_outputs" / "q" / "outputs"
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file of a task folder that a seed determines, as bytes."""
+    names = ["all_results.json", "block.safetensors", "router.safetensors", "routing_mean.json", "routing_weights.json"]
+    files = {name: (folder / name).read_bytes() for name in names}
+    files.update({f"predictions/{p.name}": p.read_bytes() for p in sorted((folder / "predictions").iterdir())})
+    return files
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run(write_pipeline(workdir))
+    return workdir
+
+
+@requires_benchmark()
+def test_killed_pipeline_continues_and_ends_as_an_uninterrupted_run(uninterrupted, tmp_path):
+    script = write_pipeline(tmp_path)
+    process = subprocess.Popen(["bash", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    second = outputs(tmp_path)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill once task 2 has saved its first checkpoint (after epoch 1 of 2)
+        if list(second.glob("2-*/checkpoint-*/trainer_state.json")):
+            time.sleep(0.3)
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    task2 = next(second.glob("2-*"))
+    assert not (task2 / "task_complete.json").exists(), "the kill came too late to test a resume"
+    first = next(second.glob("1-*"))
+    stamps = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+
+    log = run(script)
+    assert "1-task1572_samsum_summary: complete, skipped" in log
+    assert "resuming task363_sst2_polarity_classification from" in log
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == stamps  # not retrained
+    for folder in sorted(outputs(uninterrupted).iterdir()):
+        if folder.is_dir():
+            assert snapshot(second / folder.name) == snapshot(folder), folder.name
+    assert not list(second.glob("*/checkpoint-*")), "checkpoints are removed once a task completes"
+
+
+@requires_benchmark()
+def test_same_seed_same_all_results(uninterrupted, tmp_path):
+    run(write_pipeline(tmp_path))
+    for folder in sorted(outputs(uninterrupted).iterdir()):
+        if folder.is_dir():
+            expected = (folder / "all_results.json").read_bytes()
+            assert (outputs(tmp_path) / folder.name / "all_results.json").read_bytes() == expected
+
+
+@requires_benchmark()
+def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_path):
+    task = "task363_sst2_polarity_classification"
+    out = tmp_path / f"1-{task}"
+    command = [
+        sys.executable, "-m", "sapt.train_task", "--model_name_or_path", str(tiny_models["t5"]),
+        "--data_dir", str(BENCHMARK), "--task_order", task, "--task", task, "--output_dir", str(out),
+        "--max_train_samples", "400", "--per_device_train_batch_size", "2", "--num_train_epochs", "1",
+        "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_source_length", "32",
+        "--generation_max_length", "2", "--logging_steps", "1", "--disable_tqdm", "true",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+    lines = []
+    for line in process.stdout:  # wait until training steps are being logged
+        lines.append(line)
+        if "'loss'" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in "".join(lines) and "run the same command again" in "".join(lines)
+    assert list(out.glob("checkpoint-*/trainable.safetensors"))
+    assert not (out / "task_complete.json").exists()
