@@ -78,3 +78,25 @@ def test_user_mistakes_get_one_line_and_exit_2(tiny_models, tmp_path):
     unknown = train_task(tiny_models["t5"], outputs, 1, "t5", extra=["--task", "nope"])
     assert unknown.returncode == 2 and "not in --task_order" in unknown.stderr
     assert not (outputs / "1-task363_sst2_polarity_classification" / "all_results.json").exists()
+
+
+@requires_benchmark()
+def test_bf16_training_runs_on_the_cpu(tiny_models, tmp_path):
+    from sapt.train_task import main
+
+    task = TASKS[0]
+    argv = [
+        "--model_name_or_path", str(tiny_models["llama"]), "--data_dir", str(BENCHMARK), "--task_order", task,
+        "--task", task, "--output_dir", str(tmp_path / f"1-{task}"), "--bf16", "true",
+        "--max_train_samples", "8", "--max_eval_samples", "2", "--max_predict_samples", "2",
+        "--per_device_train_batch_size", "4", "--max_source_length", "64", "--generation_max_length", "3",
+        "--learning_rate", "1e-2", "--disable_tqdm", "true",
+    ]
+    assert main(argv) == 0
+    results = json.loads((tmp_path / f"1-{task}" / "train_results.json").read_text())
+    assert results["train_loss"] == results["train_loss"]  # finite, not NaN
+    from safetensors.torch import load_file
+
+    block = load_file(str(tmp_path / f"1-{task}" / "block.safetensors"))
+    assert {t.dtype for t in block.values()} == {torch.float32}  # adapters stay fp32 under autocast
+    assert any(t.abs().sum() > 0 for name, t in block.items() if name.endswith("lora_B"))

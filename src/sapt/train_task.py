@@ -395,10 +395,13 @@ class Interrupted(Exception):
 
 
 def launch_defaults() -> dict:
-    """The release's settings, plus gloo on the CPU when launched as several processes (torchrun)."""
+    """The release's settings; without CUDA, the CPU path (so --bf16 autocasts on the CPU), and gloo
+    when launched as several processes (torchrun, accelerate launch)."""
     defaults = dict(RELEASE_DEFAULTS)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        defaults.update(use_cpu=True, ddp_backend="gloo")
+    if not torch.cuda.is_available():
+        defaults["use_cpu"] = True
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            defaults["ddp_backend"] = "gloo"
     return defaults
 
 
