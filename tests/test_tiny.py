@@ -184,3 +184,32 @@ def test_cli(tmp_path):
     settings = json.loads((out / SETTINGS_FILE).read_text())["settings"]
     assert (settings["family"], settings["seed"], settings["d_model"], settings["num_layers"]) == ("llama", 5, 32, 1)
     assert AutoModelForCausalLM.from_pretrained(out, local_files_only=True).config.num_hidden_layers == 1
+
+
+HELDOUT = [
+    "Question: Why does the answer support a short summary of the dialogue?",
+    "The team explains what happened next. Is it correct? Answer: yes.",
+    "A movie asks about the relation between two entities.",
+]
+
+
+def test_no_pretraining_by_default(tmp_path):
+    settings = json.loads((_small("t5", tmp_path / "m") / SETTINGS_FILE).read_text())["settings"]
+    assert "pretraining" not in settings  # default builds keep the settings (and directories) they had
+
+
+def test_pretraining_lowers_heldout_loss_and_is_deterministic(tmp_path, family):
+    plain = _small(family, tmp_path / "plain")
+    a = _small(family, tmp_path / "a", pretrain_steps=40)
+    b = _small(family, tmp_path / "b", pretrain_steps=40)
+    settings = json.loads((a / SETTINGS_FILE).read_text())["settings"]
+    assert settings["pretraining"]["steps"] == 40 and settings["pretraining"]["objective"] == "denoise"
+    wa, wb, wp = (load_file(d / "model.safetensors") for d in (a, b, plain))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wp[k]) for k in wa)
+
+    tokenizer, before = _load(family, plain)
+    _, after = _load(family, a)
+    loss_before = tiny.heldout_loss(before, tokenizer, HELDOUT, family)
+    loss_after = tiny.heldout_loss(after, tokenizer, HELDOUT, family)
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)

@@ -7,6 +7,11 @@ saves a small model of the requested family beside it, so every stock loader wor
     python -m sapt.tiny --family t5 --out /tmp/tiny-t5
     python -m sapt.tiny --family llama --out /tmp/tiny-llama --vocab_size 2000 --seed 0
 
+``--pretrain_steps N`` (default 0: random weights, as before) then trains every weight for N AdamW steps
+on the unlabelled text of the benchmark's TRAIN splits (definitions and inputs, never outputs) with a
+generic self-supervised objective: T5 reconstructs each text from a copy with random spans replaced by
+``<unk>`` (denoising); LLaMA predicts the next token. Seeded and deterministic; recorded in the settings.
+
 Building is idempotent (settings are recorded in ``tiny_model.json``) and atomic (the model is
 written to a temporary directory beside the target, then renamed into place).
 """
@@ -171,6 +176,103 @@ def build_model(family: str, vocab_size: int, d_model: int, num_layers: int, see
     return model.eval()
 
 
+# Self-supervised pretraining (optional): a few hundred steps make embeddings and attention carry
+# meaning, so that the benchmark's behaviour (routing, forgetting) is not that of random weights.
+PRETRAIN_DEFAULTS = dict(objective="denoise", learning_rate=3e-3, batch_size=32, max_length=96,
+                         mask_ratio=0.15, mean_span=3, steps=0)
+PROMPT = "Definition: {}\n\nNow complete the following example -\nInput: {}\nOutput: "
+
+
+def pretraining_corpus(files: list[Path]) -> list[str]:
+    """Unlabelled text of the TRAIN splits: each definition, each input, and each input in the prompt
+    format with its definition (no outputs). The built-in corpus when no benchmark is found."""
+    if not files:
+        return _builtin_corpus()
+    texts = []
+    for path in files:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        definitions = [d for d in data.get("Definition") or [] if isinstance(d, str) and d]
+        texts.extend(definitions)
+        for instance in (data.get("Instances") or [])[:MAX_INSTANCES_PER_TASK]:
+            text = str(instance.get("input", ""))
+            if text:
+                texts.append(text)
+                if definitions:
+                    texts.append(PROMPT.format(definitions[0], text))
+    return texts
+
+
+def corrupt(ids: list[int], rng: torch.Generator, mask_id: int, ratio: float, mean_span: int) -> list[int]:
+    """Replace random spans (about `ratio` of the tokens, spans of 1..2*mean_span-1) by one `mask_id` each."""
+    out, i, n = [], 0, len(ids)
+    start_p = ratio / mean_span
+    while i < n:
+        if torch.rand((), generator=rng).item() < start_p:
+            span = int(torch.randint(1, 2 * mean_span, (), generator=rng).item())
+            out.append(mask_id)
+            i += span
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def pretraining_batch(tokenizer, texts: list[str], family: str, rng: torch.Generator, cfg: dict) -> dict:
+    """T5: corrupted text -> original text (denoising); LLaMA: next-token prediction on the text."""
+    encoded = [tokenizer(t, truncation=True, max_length=cfg["max_length"])["input_ids"] for t in texts]
+    pad = tokenizer.pad_token_id
+    if family == "t5":
+        unk = tokenizer.unk_token_id
+        sources = [corrupt(ids[:-1], rng, unk, cfg["mask_ratio"], cfg["mean_span"]) + ids[-1:] for ids in encoded]
+        labels = _pad(encoded, -100)
+        return {"input_ids": _pad(sources, pad), "attention_mask": _pad([[1] * len(s) for s in sources], 0),
+                "labels": labels}
+    input_ids = _pad(encoded, pad)
+    mask = _pad([[1] * len(e) for e in encoded], 0)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, texts: list[str], family: str, seed: int = 0) -> float:
+    """Mean loss of the pretraining objective on `texts` (fixed corruption for a given seed), eval mode."""
+    was_training = model.training
+    model.eval()
+    rng = torch.Generator().manual_seed(seed)
+    batch = pretraining_batch(tokenizer, texts, family, rng, PRETRAIN_DEFAULTS)
+    loss = model(**batch).loss.item()
+    model.train(was_training)
+    return loss
+
+
+def pretrain(model, tokenizer, texts: list[str], family: str, steps: int, seed: int) -> list[float]:
+    """Train every weight for `steps` AdamW steps on shuffled batches of `texts`; deterministic given
+    the seed. Returns the training losses. Leaves the model in eval mode."""
+    cfg = PRETRAIN_DEFAULTS
+    torch.manual_seed(seed + 1)  # dropout
+    rng = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=0.0)
+    model.train()
+    order, cursor, losses = torch.randperm(len(texts), generator=rng).tolist(), 0, []
+    for _ in range(steps):
+        if cursor + cfg["batch_size"] > len(order):
+            order, cursor = torch.randperm(len(texts), generator=rng).tolist(), 0
+        chunk = [texts[i] for i in order[cursor: cursor + cfg["batch_size"]]]
+        cursor += cfg["batch_size"]
+        loss = model(**pretraining_batch(tokenizer, chunk, family, rng, cfg)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
 def _is_complete(out_dir: Path, settings: dict) -> bool:
     """True when `out_dir` holds every required file and was built with exactly `settings`."""
     record = out_dir / SETTINGS_FILE
@@ -201,6 +303,7 @@ def build_tiny_model(
     seed: int = 0,
     d_model: int = 64,
     num_layers: int = 2,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Write a tiny model, tokenizer and generation config to `out_dir` and return it.
 
@@ -217,6 +320,8 @@ def build_tiny_model(
         format_version=FORMAT_VERSION, family=family, vocab_size=vocab_size, seed=seed,
         d_model=d_model, num_layers=num_layers, corpus=source,
     )
+    if pretrain_steps:  # recorded only when asked, so default builds keep their settings (and directories)
+        settings["pretraining"] = dict(PRETRAIN_DEFAULTS, steps=pretrain_steps)
     if _is_complete(out_dir, settings):
         logger.info("%s already holds a tiny %s model with these settings", out_dir, family)
         return out_dir
@@ -231,6 +336,11 @@ def build_tiny_model(
     try:
         tokenizer = train_tokenizer(family, load_corpus(files), vocab_size)
         model = build_model(family, len(tokenizer), d_model, num_layers, seed)
+        if pretrain_steps:
+            texts = pretraining_corpus(files)
+            losses = pretrain(model, tokenizer, texts, family, pretrain_steps, seed)
+            logger.info("pretrained %d steps on %d texts: loss %.3f -> %.3f", pretrain_steps, len(texts),
+                        losses[0], losses[-1])
         model.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -257,11 +367,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--d_model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--pretrain_steps", type=int, default=0,
+                        help="self-supervised pretraining steps after random init (0: none, random weights)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = build_tiny_model(
         args.family, args.out, data_dir=args.data_dir, vocab_size=args.vocab_size,
-        seed=args.seed, d_model=args.d_model, num_layers=args.layers,
+        seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
     )
     print(out)
 
