@@ -20,7 +20,7 @@ def write_pipeline(workdir: Path) -> Path:
         "--quick", "--workdir", str(workdir), "--output", str(script), "--run_name", "q",
         "--data_dir", str(SHARED / "CL_Benchmark"), "--gen_data_root", str(SHARED / "generated_data"),
         "--set", "max_train_samples=8", "--set", "max_eval_samples=4", "--set", "max_predict_samples=4",
-        "--set", "num_train_epochs=2",
+        "--set", "num_train_epochs=3",
     ]
     assert pipeline_main("superni_t5", argv) == 0
     return script
@@ -58,11 +58,10 @@ def test_killed_pipeline_continues_and_ends_as_an_uninterrupted_run(uninterrupte
                                start_new_session=True)
     second = outputs(tmp_path)
     deadline = time.time() + 600
-    while time.time() < deadline:  # kill once task 2 has saved its first checkpoint (after epoch 1 of 2)
+    while time.time() < deadline:  # kill as soon as task 2 has saved a checkpoint (after epoch 1 of 3)
         if list(second.glob("2-*/checkpoint-*/trainer_state.json")):
-            time.sleep(0.3)
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     task2 = next(second.glob("2-*"))
@@ -112,3 +111,16 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
     assert "interrupted by SIGTERM" in "".join(lines) and "run the same command again" in "".join(lines)
     assert list(out.glob("checkpoint-*/trainable.safetensors"))
     assert not (out / "task_complete.json").exists()
+
+
+def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
+    from sapt.train_task import latest_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+    assert not (tmp_path / "checkpoint-6").exists()
+    assert latest_complete_checkpoint(tmp_path / "missing") is None

@@ -31,7 +31,8 @@ import torch
 from datasets import concatenate_datasets
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import (
@@ -48,6 +49,7 @@ from .baselines import l2_loss, orthogonality_loss, replay_memory, union
 from .config import METHODS, SaptConfig, release_temperature
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of, carve_dev, load_pseudo_split, load_split
 from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .logs import setup_cli_logging
 from .metrics import compute_metrics
 from .model import SaptModel
 from .reflection import AttentiveReflection
@@ -311,8 +313,8 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
     evaluates = training_args.eval_strategy != "no" or bool(args.eval_every_epochs)
     resume = training_args.resume_from_checkpoint
-    if resume is None and output_dir.is_dir():
-        resume = get_last_checkpoint(str(output_dir))  # an interrupted run of this task continues
+    if resume is None:
+        resume = latest_complete_checkpoint(output_dir)  # an interrupted run of this task continues
     if resume:
         logger.info("resuming %s from %s", args.task, resume)
     stop = StopOnSignal()
@@ -386,6 +388,24 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     return results
 
 
+def latest_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest Trainer checkpoint whose trainer_state.json (written last) exists; a folder a kill
+    cut short is removed rather than resumed from."""
+    if not output_dir.is_dir():
+        return None
+    numbered = []
+    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = folder.name.rsplit("-", 1)[-1]
+        if not step.isdigit():
+            continue
+        if (folder / TRAINER_STATE_NAME).is_file():
+            numbered.append((int(step), folder))
+        else:
+            logger.warning("removing %s: its writing was interrupted", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return str(max(numbered)[1]) if numbered else None
+
+
 class Interrupted(Exception):
     """Training stopped on a signal after saving a checkpoint."""
 
@@ -415,8 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"sapt.train_task: error: {err}", file=sys.stderr)
         return 2
-    # force: an imported library (absl, via rouge-score) already put a WARNING-level handler on the root
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO, force=True)
+    setup_cli_logging()
     try:
         results = run(sapt_args, training_args)
     except (UsageError, DataError, CheckpointError) as err:
