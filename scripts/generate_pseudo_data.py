@@ -7,7 +7,9 @@
 
 import sys
 
+from sapt.logs import setup_cli_logging
 from sapt.pseudo_data import main
 
 if __name__ == "__main__":
+    setup_cli_logging()
     sys.exit(main())

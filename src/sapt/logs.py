@@ -22,12 +22,10 @@ class _CurrentStderr(logging.StreamHandler):
 
 
 def setup_cli_logging(level: int = logging.INFO) -> None:
-    """Show this package's INFO records. The root logger is left alone: an imported library (absl,
-    through rouge-score) installs its own handler there at WARNING."""
-    logger = logging.getLogger("sapt")
-    logger.setLevel(level)
-    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+    """Let this package's INFO records through to the root handler (adding one if there is none)."""
+    logging.getLogger("sapt").setLevel(level)
+    root = logging.getLogger()
+    if not root.handlers:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(FORMAT))
-        logger.addHandler(handler)
-    logger.propagate = False
+        root.addHandler(handler)

@@ -33,7 +33,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from .backbone import load_backbone, load_tokenizer
 from .data import SPLITS, DataError, find_task, read_split_file
 from .io import write_json_atomic
-from .logs import setup_cli_logging
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +342,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_cli_logging()
     settings = GeneratorSettings(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         source_length=args.source_length, target_length=args.target_length, ratio=args.ratio,

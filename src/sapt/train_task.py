@@ -435,7 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"sapt.train_task: error: {err}", file=sys.stderr)
         return 2
-    setup_cli_logging()
     try:
         results = run(sapt_args, training_args)
     except (UsageError, DataError, CheckpointError) as err:
@@ -448,5 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Command-line entry: progress logging on, then `main`. (Tests call `main` without touching
+    the process's logging set-up.)"""
+    setup_cli_logging()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
