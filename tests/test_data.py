@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import BENCHMARK, requires_benchmark
 from sapt.collators import Collator

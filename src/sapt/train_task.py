@@ -35,17 +35,17 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .backbone import load_backbone, load_tokenizer
+from .baselines import l2_loss, orthogonality_loss, replay_memory, union
 from .checkpoint import (
-    LINEAGE_FILE,
     CheckpointError,
     load_config,
     load_routing_mean,
+    read_lineage,
     restore_model,
     save_routing_mean,
     save_task_artifacts,
 )
 from .collators import Collator
-from .baselines import l2_loss, orthogonality_loss, replay_memory, union
 from .config import METHODS, SaptConfig, release_temperature
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of, carve_dev, load_pseudo_split, load_split
 from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
@@ -170,29 +170,12 @@ def build_model(args: SaptArguments, backbone, task_plan: TaskPlan) -> tuple[Sap
     if not args.previous_task_dir:
         raise UsageError(f"--previous_task_dir is required for task {task_plan.position + 1} of the order")
     previous = Path(args.previous_task_dir)
-    found = load_config(previous)
-    check_compatible(previous, found, wanted, task_plan.learned[:-1])
+    found = load_config(previous)  # checked against this run by validate_task_inputs
     model = restore_model(backbone, previous, found)
     if found.block_per_task:
-        earlier_dirs = [(previous / d).resolve() for d in read_lineage(previous)]
+        earlier_dirs = [(previous / d).resolve() for d in read_lineage(previous, found)]
     model.add_task(args.task)
     return model, earlier_dirs
-
-
-def check_compatible(folder: Path, found: SaptConfig, wanted: SaptConfig, earlier: list[str]) -> None:
-    if not (folder / COMPLETE_FILE).is_file():
-        raise CheckpointError(f"{folder}: task did not finish (no {COMPLETE_FILE}); run it again first")
-    if found.tasks != earlier:
-        raise CheckpointError(f"{folder}: holds tasks {found.tasks}, but the order needs {earlier} before this task")
-    for name in ("method", "model_type", "hidden_size", "target_modules", "r", "is_encoder_decoder"):
-        if getattr(found, name) != getattr(wanted, name):
-            raise CheckpointError(
-                f"{folder}: made with {name}={getattr(found, name)!r}, this run has {getattr(wanted, name)!r}"
-            )
-
-
-def read_lineage(folder: Path) -> list[str]:
-    return [entry["dir"] for entry in json.loads((folder / LINEAGE_FILE).read_text())["blocks"]]
 
 
 def decode(tokenizer, token_ids: np.ndarray) -> list[str]:
