@@ -10,7 +10,6 @@ A task folder (`outputs/<i>-<task>/`) holds:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 from .backbone import load_backbone
 from .config import CONFIG_NAME, SaptConfig
-from .io import save_tensors_atomic, write_json_atomic
+from .io import read_json, save_tensors_atomic, write_json_atomic
 from .model import SaptModel
 
 BLOCK_FILE = "block.safetensors"
@@ -34,21 +33,6 @@ TASK_DIR_PATTERN = re.compile(r"^(\d+)-(.+)$")
 
 class CheckpointError(ValueError):
     """An artifact folder is missing, incomplete or does not fit the model."""
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file is missing") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path}: malformed JSON (not UTF-8 text: {err.reason})") from None
-    except (ValueError, RecursionError) as err:
-        raise CheckpointError(f"{path}: malformed JSON ({(str(err) or type(err).__name__).splitlines()[0][:120]})") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -103,7 +87,7 @@ def save_routing_mean(task_dir: str | Path, tasks_oldest_first: list[str], mean_
 def load_routing_mean(task_dir: str | Path) -> list[float]:
     """ā of a task, oldest block first (the file stores it newest first, as the SPEC writes it)."""
     path = Path(task_dir) / ROUTING_MEAN_FILE
-    data = _read_json(path)
+    data = read_json(path, CheckpointError)
     raw = data.get("weights") if isinstance(data, dict) else None
     if not isinstance(raw, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in raw):
         raise CheckpointError(f"{path}: expected {{'tasks': [...], 'weights': [numbers]}}")
@@ -126,7 +110,7 @@ def load_config(task_dir: str | Path) -> SaptConfig:
 def read_lineage(task_dir: str | Path, config: SaptConfig) -> list[str]:
     """The folder of each block of `task_dir` (relative to it, oldest first), checked against the config."""
     path = Path(task_dir) / LINEAGE_FILE
-    data = _read_json(path)
+    data = read_json(path, CheckpointError)
     blocks = data.get("blocks") if isinstance(data, dict) else None
     if not isinstance(blocks, list) or not all(
         isinstance(e, dict) and isinstance(e.get("task"), str) and isinstance(e.get("dir"), str) and e["dir"]

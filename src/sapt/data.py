@@ -6,11 +6,12 @@ Each example has the columns `task`, `source` (the full prompt), `target` (the l
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from datasets import Dataset
+
+from .io import read_json
 
 BENCHMARKS = ("SuperNI", "Long_Sequence")
 SPLITS = ("train", "dev", "test")
@@ -63,21 +64,7 @@ def _is_text(value) -> bool:
 
 def read_split_file(path: Path) -> tuple[str, list[dict]]:
     """(definition, instances) of one split file, validated. Any problem is a DataError naming the file."""
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: split file is missing") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: expected a split file, found a folder") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read split file ({err.strerror or err})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: malformed JSON (not UTF-8 text: {err.reason} at byte {err.start})") from None
-    except (ValueError, RecursionError) as err:  # e.g. integers too long to convert, nesting too deep
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"{path}: malformed JSON ({detail[:120]})") from None
+    data = read_json(path, DataError, "split file")
     if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
         raise DataError(f"{path}: expected a JSON object with an 'Instances' list")
     definition = data.get("Definition", "")

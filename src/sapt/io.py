@@ -27,6 +27,25 @@ def atomic_path(path: str | Path):
         raise
 
 
+def read_json(path: str | Path, error: type[Exception], what: str = "file"):
+    """Parse a JSON file; any problem raises `error` with one line naming the file (`what` it is)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: {what} is missing") from None
+    except IsADirectoryError:
+        raise error(f"{path}: expected a {what}, found a folder") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: malformed JSON (not UTF-8 text: {err.reason} at byte {err.start})") from None
+    except (ValueError, RecursionError) as err:  # e.g. integers too long to convert, nesting too deep
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise error(f"{path}: malformed JSON ({detail[:120]})") from None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
