@@ -58,3 +58,30 @@ def test_block_shape_mismatch_is_refused():
     layer = SaptLinear(nn.Linear(8, 6), r=2, alpha=4, dropout=0.0, routing=RoutingState())
     with pytest.raises(ValueError, match="do not fit"):
         layer.append_frozen_block(torch.zeros(2, 6), torch.zeros(8, 2))
+
+
+def test_matrices_kept_for_a_routed_pass_without_gradient_follow_every_block_change():
+    """Without gradient the stacked blocks are built once per routed pass (decoding reuses them); an
+    optimizer step, a new block or a freeze must never be served from that store."""
+    torch.manual_seed(0)
+    routing = RoutingState()
+    layer = SaptLinear(nn.Linear(8, 8), r=2, alpha=4, dropout=0.0, routing=routing)
+    layer.add_block()
+    nn.init.normal_(layer.lora_B)
+    routing.weights = torch.ones(2, 1)
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer(x).equal(first) and len(routing.matrix_cache) == 1
+        layer.lora_B.add_(1.0)  # what an optimizer step does, in place
+        torch.testing.assert_close(layer(x), per_task_reference(layer, x, routing.weights))
+        assert not layer(x).equal(first)
+    layer.freeze_block()
+    layer.add_block()
+    nn.init.normal_(layer.lora_B)
+    routing.weights = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), per_task_reference(layer, x, routing.weights))
+    # With gradient the current block is read live, so its gradient reaches it.
+    layer(x).sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0

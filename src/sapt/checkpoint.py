@@ -23,6 +23,7 @@ from .backbone import load_backbone
 from .config import CONFIG_NAME, SaptConfig
 from .io import read_json, save_tensors_atomic, write_json_atomic
 from .model import SaptModel
+from .zero3 import gathered
 
 BLOCK_FILE = "block.safetensors"
 ROUTER_FILE = "router.safetensors"
@@ -46,31 +47,43 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 # ---- saving -------------------------------------------------------------------------------------
 def block_state(model: SaptModel, index: int = -1) -> dict[str, torch.Tensor]:
-    """One task's block from every wrapped projection, keyed by module path."""
+    """One task's block from every wrapped projection, keyed by module path (full tensors, also
+    under ZeRO-3, where every process must call this)."""
     state = {}
-    for name, layer in model.sapt_layers():
-        lora_A, lora_B = layer.block(index)
-        state[f"{name}.lora_A"] = lora_A
-        state[f"{name}.lora_B"] = lora_B
+    current = [p for _, layer in model.sapt_layers() for p in (layer.lora_A, layer.lora_B)]
+    with gathered(current):
+        for name, layer in model.sapt_layers():
+            lora_A, lora_B = layer.block(index)
+            state[f"{name}.lora_A"] = lora_A.detach().clone()
+            state[f"{name}.lora_B"] = lora_B.detach().clone()
     return state
 
 
 def router_state(model: SaptModel) -> dict[str, torch.Tensor]:
-    state = {f"query_net.{k}": v for k, v in model.router.query_net.state_dict().items()}
-    state["keys"] = model.router.keys()
+    """The query network and every key, oldest first (full tensors; every process calls this under ZeRO-3)."""
+    with gathered(model.router.parameters()):
+        state = {f"query_net.{k}": v.detach().clone() for k, v in model.router.query_net.state_dict().items()}
+        state["keys"] = model.router.keys().detach().clone()
     return state
 
 
-def save_task_artifacts(model: SaptModel, task_dir: str | Path, earlier_block_dirs: list[str]) -> None:
+def save_task_artifacts(
+    model: SaptModel, task_dir: str | Path, earlier_block_dirs: list[str], write: bool = True
+) -> None:
     """Write the newest block, the router and the config. `earlier_block_dirs[j]` locates block j
-    relative to `task_dir`, for every block but the newest, which is written here."""
+    relative to `task_dir`, for every block but the newest, which is written here. Under several
+    processes every one calls this (ZeRO-3 gathers the tensors) and only the one with `write` writes."""
     task_dir = Path(task_dir)
     config = model.sapt_config
     if len(earlier_block_dirs) != model.num_blocks - 1:
         raise ValueError(f"{len(earlier_block_dirs)} earlier block folders for {model.num_blocks} blocks")
-    save_tensors_atomic(task_dir / BLOCK_FILE, block_state(model), metadata={"task": config.tasks[-1]})
-    if model.router is not None:
-        save_tensors_atomic(task_dir / ROUTER_FILE, router_state(model))
+    block = block_state(model)
+    router = router_state(model) if model.router is not None else None
+    if not write:
+        return
+    save_tensors_atomic(task_dir / BLOCK_FILE, block, metadata={"task": config.tasks[-1]})
+    if router is not None:
+        save_tensors_atomic(task_dir / ROUTER_FILE, router)
     owners = config.tasks if config.block_per_task else config.tasks[-1:]
     lineage = [{"task": task, "dir": d} for task, d in zip(owners, [*earlier_block_dirs, "."])]
     write_json_atomic(task_dir / LINEAGE_FILE, {"blocks": lineage})

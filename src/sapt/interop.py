@@ -32,6 +32,7 @@ from .backbone import load_backbone
 from .checkpoint import TASK_DIR_PATTERN, CheckpointError, save_routing_mean, save_task_artifacts
 from .config import SaptConfig
 from .io import write_text_atomic
+from .logs import stdout_kept_for_results
 from .model import SaptModel
 from .safe_pickle import UnsafePickleError, load_numpy_pickle
 
@@ -433,9 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     names = args.task_names.split(",") if args.task_names is not None else None
     try:
-        out = import_official(
-            args.family, args.backbone, args.saved_weights, args.out, args.lora_alpha, names, args.temperature
-        )
+        with stdout_kept_for_results():
+            out = import_official(
+                args.family, args.backbone, args.saved_weights, args.out, args.lora_alpha, names, args.temperature
+            )
     except (CheckpointError, OSError) as err:  # user errors: one line, no traceback
         print(f"sapt.interop: error: {err}", file=sys.stderr)
         return 2

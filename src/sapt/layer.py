@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .zero3 import gathered
+
 
 class RoutingState:
     """Routing weights of the batch being processed, shared by every wrapped layer of one model.
@@ -26,7 +28,10 @@ class RoutingState:
 
     def __init__(self):
         self._weights: torch.Tensor | None = None  # (B, T), blocks oldest first
-        self._per_rank: dict = {}  # (batch, r, dtype) -> (B, T*r) weights, shared by all layers
+        self._per_rank: dict = {}  # (batch, r, scale, dtype) -> (B, T*r) weights, shared by all layers
+        # Each layer's stacked blocks, built once per routed pass when nothing needs their gradient
+        # (a `generate` call decodes token by token through the same blocks).
+        self.matrix_cache: dict = {}
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -36,6 +41,7 @@ class RoutingState:
     def weights(self, value: torch.Tensor | None) -> None:
         self._weights = value
         self._per_rank = {}
+        self.matrix_cache = {}
 
     def for_batch(self, batch_size: int) -> torch.Tensor:
         weights = self._weights
@@ -48,11 +54,13 @@ class RoutingState:
             raise RuntimeError(f"batch of {batch_size} rows does not expand routing weights of {weights.shape[0]}")
         return weights.repeat_interleave(batch_size // weights.shape[0], dim=0)
 
-    def per_rank(self, batch_size: int, r: int, dtype: torch.dtype) -> torch.Tensor:
-        """(B, T*r): each block's weight repeated over its r hidden units, computed once per batch."""
-        key = (batch_size, r, dtype)
+    def per_rank(self, batch_size: int, r: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """(B, T*r): each block's weight times `scale`, repeated over its r hidden units. Computed once
+        per batch and shared by every layer, so a layer spends a single product on the mixing."""
+        key = (batch_size, r, scale, dtype)
         if key not in self._per_rank:
-            self._per_rank[key] = self.for_batch(batch_size).to(dtype).repeat_interleave(r, dim=1)
+            weights = self.for_batch(batch_size) * scale
+            self._per_rank[key] = weights.to(dtype).repeat_interleave(r, dim=1)
         return self._per_rank[key]
 
 
@@ -121,7 +129,8 @@ class SaptLinear(nn.Module):
         """Move the current block into the frozen stack (no gradient, no optimizer state)."""
         if self.lora_A is None:
             return
-        self.append_frozen_block(self.lora_A.data, self.lora_B.data)
+        with gathered([self.lora_A, self.lora_B]):
+            self.append_frozen_block(self.lora_A.data.clone(), self.lora_B.data.clone())
         self.lora_A = self.lora_B = None
 
     def thaw_block(self) -> None:
@@ -158,20 +167,37 @@ class SaptLinear(nn.Module):
         A, B = self.stacked_blocks()
         return A[index], B[index]
 
+    def product_matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`matrices()` in `dtype`. Without gradient they are kept for the rest of the routed pass, so
+        decoding does not re-concatenate (and re-cast) every block at every new token."""
+        if torch.is_grad_enabled() and self.lora_A is not None and self.lora_A.requires_grad:
+            down, up = self.matrices()
+            return down.to(dtype), up.to(dtype)
+        # Any replaced or updated block (a new tensor, or an in-place step) invalidates the entry.
+        stamp = tuple((id(t), t._version) for t in (self.past_down, self.past_up, self.lora_A, self.lora_B) if t is not None)
+        key = (id(self), dtype)
+        cached = self._routing.matrix_cache.get(key)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                down, up = self.matrices()
+                cached = self._routing.matrix_cache[key] = (stamp, down.to(dtype), up.to(dtype))
+        return cached[1], cached[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         num_blocks = self.num_blocks
         if num_blocks == 0:
             return out
-        down, up = self.matrices()
+        down, up = self.product_matrices(x.dtype)
         # (..., d_in) @ (d_in, T*r) -> (..., T*r): every block's down-projection at once.
-        hidden = F.linear(self.dropout(x), down.to(x.dtype))
-        weights = self._routing.per_rank(x.shape[0], self.r, x.dtype)  # (B, T*r)
+        hidden = F.linear(self.dropout(x), down)
+        weights = self._routing.per_rank(x.shape[0], self.r, self.scaling, x.dtype)  # (B, T*r)
         if weights.shape[1] != hidden.shape[-1]:
             raise RuntimeError(f"{weights.shape[1] // self.r} routing weights for {num_blocks} blocks")
-        # Each block's slice is scaled by its routing weight, then all blocks go up in one product.
+        # Each block's slice is scaled by its routing weight (and alpha/r), then all blocks go up in one
+        # product.
         hidden = hidden * weights.view(weights.shape[0], *([1] * (x.dim() - 2)), -1)
-        return out + self.scaling * F.linear(hidden, up.to(x.dtype))
+        return out + F.linear(hidden, up)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, blocks={self.num_blocks}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -29,3 +30,12 @@ def setup_cli_logging(level: int = logging.INFO) -> None:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(FORMAT))
         root.addHandler(handler)
+
+
+@contextlib.contextmanager
+def stdout_kept_for_results():
+    """Inside the block, anything printed to stdout goes to stderr, so that a command's stdout holds
+    only the result it prints afterwards (a path another command reads). DeepSpeed, once installed,
+    is imported by accelerate on the way and logs to stdout."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

@@ -173,7 +173,7 @@ class SaptModel(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         pooled = max_pool(inputs_embeds, self.routing_mask(attention_mask, labels))  # (B, d)
-        return self.router.logits(pooled)
+        return self.router(pooled)
 
     def routing_weights(
         self,

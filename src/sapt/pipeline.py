@@ -20,7 +20,8 @@ from .validation import OneLineArgumentParser, check_task_overrides
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"
 SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
-DEEPSPEED_CONFIGS = {"zero2": "configs/ds_configs/zero2.json", "zero3": "configs/ds_configs/zero3.json"}
+# Absolute: the pipeline runs in its --workdir, which need not be the repository.
+DEEPSPEED_CONFIGS = {stage: str(CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
 COMPLETE_FILE = "task_complete.json"
 
 
@@ -104,6 +105,8 @@ class Experiment:
                 args[key] = s[key]
         if self.deepspeed:
             args["deepspeed"] = DEEPSPEED_CONFIGS[self.deepspeed]
+            # DeepSpeed's own checkpoints are pickled and hold the frozen backbone: tasks restart whole.
+            args["save_strategy"] = "no"
         args.update(self.extra)
         return args
 

@@ -33,6 +33,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from .backbone import load_backbone, load_tokenizer
 from .data import SPLITS, DataError, find_task, read_split_file
 from .io import write_json_atomic
+from .logs import stdout_kept_for_results
 
 logger = logging.getLogger(__name__)
 
@@ -355,14 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         for task in tasks:  # fail before any training if a task is missing or malformed
             _, folder = find_task(args.data_dir, task)
             read_split_file(folder / "train.json")
-        written = [
-            generate_for_task(
-                args.model_name_or_path, args.data_dir, task, args.out, settings,
-                max_train_samples=args.max_train_samples, save_generator=args.save_generator,
-                device=args.device, dtype=args.dtype,
-            )
-            for task in tasks
-        ]
+        with stdout_kept_for_results():
+            written = [
+                generate_for_task(
+                    args.model_name_or_path, args.data_dir, task, args.out, settings,
+                    max_train_samples=args.max_train_samples, save_generator=args.save_generator,
+                    device=args.device, dtype=args.dtype,
+                )
+                for task in tasks
+            ]
     except (DataError, PseudoDataError) as err:
         print(f"generate_pseudo_data: error: {err}", file=sys.stderr)
         return 2

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .zero3 import gathered
+
 
 def max_pool(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, L, d) -> (B, d), ignoring positions where mask is 0 (pass None to pool over everything)."""
@@ -47,7 +49,8 @@ class Router(nn.Module):
 
     def freeze_key(self) -> None:
         if self.key is not None:
-            self.append_frozen_keys(self.key.data[None])
+            with gathered([self.key]):
+                self.append_frozen_keys(self.key.data[None].clone())
             self.key = None
 
     def append_frozen_keys(self, keys: torch.Tensor) -> None:
@@ -59,10 +62,8 @@ class Router(nn.Module):
             return self.past_keys
         return torch.cat([self.past_keys, self.key[None]])
 
-    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(B, d) pooled embeddings -> (B, T) attention scores."""
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, d) pooled embeddings -> (B, T) attention scores <k_j, q(x)> / tau. Called as a module
+        (not through a helper method) so that DeepSpeed ZeRO-3 gathers the current key first."""
         query = self.query_net(pooled.to(self.query_net[0].weight.dtype))
         return query @ self.keys().T / self.temperature
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.logits(pooled).softmax(dim=-1)

@@ -37,6 +37,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from .logs import stdout_kept_for_results
+
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("t5", "llama")
@@ -371,10 +373,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="self-supervised pretraining steps after random init (0: none, random weights)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = build_tiny_model(
-        args.family, args.out, data_dir=args.data_dir, vocab_size=args.vocab_size,
-        seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
-    )
+    with stdout_kept_for_results():
+        out = build_tiny_model(
+            args.family, args.out, data_dir=args.data_dir, vocab_size=args.vocab_size,
+            seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
+        )
     print(out)
 
 

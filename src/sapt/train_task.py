@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from datasets import concatenate_datasets
-from torch.utils.data import DataLoader
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .backbone import load_backbone, load_tokenizer
 from .baselines import l2_loss, orthogonality_loss, replay_memory, union
@@ -55,6 +55,7 @@ from .model import SaptModel
 from .reflection import AttentiveReflection
 from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, StopOnSignal
 from .validation import UsageError, parse_task_arguments, validate_task_inputs
+from .zero3 import init_deepspeed_comm, is_partitioned
 
 logger = logging.getLogger("sapt")
 
@@ -185,14 +186,26 @@ def decode(tokenizer, token_ids: np.ndarray) -> list[str]:
 
 @torch.no_grad()
 def mean_routing(model: SaptModel, dataset, collator: Collator, batch_size: int) -> list[float]:
-    """Mean routing distribution over the examples of `dataset`, oldest block first."""
+    """Mean routing distribution over the examples of `dataset`, oldest block first.
+
+    Under several processes each takes every world_size-th example and the sums are added up, so
+    every process gets the mean over all of them. Shards are padded to one length (the padding
+    counts zero) because under ZeRO-3 every process must run the same number of forwards."""
     model.eval()
-    total, count = None, 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator):
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = list(range(rank, len(dataset), world))
+    length = -(-len(dataset) // world)
+    counted = [1.0] * len(shard) + [0.0] * (length - len(shard))
+    shard += [0] * (length - len(shard))
+    total = torch.zeros(model.num_blocks, dtype=torch.float64, device=model.device)
+    for start in range(0, length, batch_size):
+        batch = collator([dataset[i] for i in shard[start : start + batch_size]])
         weights = model.routing_weights(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
-        total = weights.sum(0) if total is None else total + weights.sum(0)
-        count += weights.shape[0]
-    return (total / count).tolist()
+        keep = torch.tensor(counted[start : start + batch_size], dtype=torch.float64, device=model.device)
+        total += (weights.double() * keep[:, None]).sum(0)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total / len(dataset)).float().tolist()
 
 
 def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
@@ -247,6 +260,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
 
     hf_config = AutoConfig.from_pretrained(args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
+    init_deepspeed_comm(training_args)  # before loading: ZeRO-3 partitions the backbone as it loads
     backbone = load_backbone(args.model_name_or_path)
     model, earlier_dirs = build_model(args, backbone, task_plan)
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
@@ -292,15 +306,20 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     selection = KeepBestTrainable(model, metric)
     trainer.add_callback(selection)
     trainer.checkpoint_parts.append(selection)
+    checkpoints = training_args.save_strategy != "no" and not trainer.is_deepspeed_enabled
+    if trainer.is_deepspeed_enabled and training_args.save_strategy != "no":
+        # DeepSpeed's engine checkpoints are pickled and hold the whole frozen backbone: not written.
+        logger.warning("DeepSpeed: no mid-task checkpoints; an interrupted task restarts from its beginning")
+        training_args.save_strategy = SaveStrategy.NO
     if args.eval_every_epochs:
-        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
+        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=checkpoints))
     evaluates = training_args.eval_strategy != "no" or bool(args.eval_every_epochs)
     resume = training_args.resume_from_checkpoint
     if resume is None:
         resume = latest_complete_checkpoint(output_dir)  # an interrupted run of this task continues
     if resume:
         logger.info("resuming %s from %s", args.task, resume)
-    stop = StopOnSignal()
+    stop = StopOnSignal(save=not trainer.is_deepspeed_enabled)
     trainer.add_callback(stop)
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)
@@ -309,8 +328,15 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     if stop.received is not None:
         raise Interrupted(
             f"{output_dir}: interrupted by {signal.Signals(stop.received).name} at step {trainer.state.global_step}; "
-            "a checkpoint was saved: run the same command again to continue",
+            + ("a checkpoint was saved: run the same command again to continue" if stop.save
+               else "no checkpoint is kept in this set-up: the same command restarts this task"),
             128 + stop.received,
+        )
+    partitioned = [name for name, p in model.named_parameters() if is_partitioned(p)]
+    if partitioned:
+        logger.info(
+            "ZeRO-3 partitions %d parameter tensors (%d of them SAPT's) across %d processes",
+            len(partitioned), sum(".lora_" in n or n.startswith("router.") for n in partitioned), trainer.args.world_size,
         )
     if evaluates and selection.last_eval_step != trainer.state.global_step:
         trainer.evaluate()
@@ -325,10 +351,15 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         results[f"best_eval_{metric}"] = selection.best_score
         results["best_step"] = selection.best_step
     eval_batch = training_args.per_device_eval_batch_size
-    if trainer.is_world_process_zero():
-        save_task_artifacts(model, output_dir, [os.path.relpath(d, output_dir.resolve()) for d in earlier_dirs])
-        if model.router is not None:
-            save_routing_mean(output_dir, model.tasks, mean_routing(model, dev, generation_collator, eval_batch))
+    # Every process takes part (ZeRO-3 gathers the router, ā is summed over all processes' examples);
+    # rank 0 writes.
+    writer = trainer.is_world_process_zero()
+    earlier = [os.path.relpath(d, output_dir.resolve()) for d in earlier_dirs]
+    save_task_artifacts(model, output_dir, earlier, write=writer)
+    if model.router is not None:
+        dev_mean = mean_routing(model, dev, generation_collator, eval_batch)
+        if writer:
+            save_routing_mean(output_dir, model.tasks, dev_mean)
 
     trainer.compute_metrics = None  # dev scoring only; test predictions are scored below
     routing_report = {"tasks": model.tasks, "mean_weights": {}}

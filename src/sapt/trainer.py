@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from .io import save_tensors_atomic, write_json_atomic
 from .model import IGNORE_INDEX
+from .zero3 import gathered
 
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best_trainable.safetensors"
@@ -110,22 +111,31 @@ class SaptTrainer(Trainer):
     # ---- light checkpoints: only trainable tensors --------------------------------------------
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
+        tensors = trainable_tensors(self.accelerator.unwrap_model(self.model))  # every process (ZeRO-3)
         if self.args.should_save:
-            model = self.accelerator.unwrap_model(self.model)
-            tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
             save_tensors_atomic(output_dir / TRAINABLE_FILE, tensors)
             for part in self.checkpoint_parts:
                 part.save(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         model = self.accelerator.unwrap_model(model or self.model)
-        tensors = load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
+        load_trainable_tensors(model, load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE)))
         for part in self.checkpoint_parts:
             part.load(resume_from_checkpoint)
+
+
+def trainable_tensors(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters, whole even when ZeRO-3 partitions them (every process calls)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    with gathered(params.values()):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+def load_trainable_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with gathered([params[name] for name in tensors], modify=True), torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
 
 
 class KeepBestTrainable(TrainerCallback):
@@ -147,7 +157,7 @@ class KeepBestTrainable(TrainerCallback):
             return
         if self.best_score is None or score > self.best_score:
             self.best_score, self.best_step = score, state.global_step
-            self._snapshot = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self._snapshot = trainable_tensors(self.model)
 
     def save(self, directory) -> None:
         """Keep the best snapshot with each Trainer checkpoint, so selection survives a resume."""
@@ -168,12 +178,8 @@ class KeepBestTrainable(TrainerCallback):
             self._snapshot = load_file(str(directory / BEST_FILE))
 
     def restore(self) -> None:
-        if self._snapshot is None:
-            return
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in self._snapshot.items():
-                params[name].copy_(value)
+        if self._snapshot is not None:
+            load_trainable_tensors(self.model, self._snapshot)
 
 
 class EveryNEpochs(TrainerCallback):
@@ -193,10 +199,12 @@ class EveryNEpochs(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint, stop training."""
+    """Ctrl-C or SIGTERM: finish the current step, save a resumable checkpoint (unless `save` is
+    off), stop training."""
 
-    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM), save: bool = True):
         self.received: int | None = None
+        self.save = save
         self._previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
     def _handle(self, signum, frame):
@@ -207,7 +215,7 @@ class StopOnSignal(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None:
-            control.should_save = True
+            control.should_save = self.save
             control.should_training_stop = True
         return control
 

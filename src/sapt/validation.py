@@ -291,9 +291,20 @@ def _check_reflection(args, task_plan, earlier_dirs: list[Path], seed: int) -> N
             )
 
 
+def _check_deepspeed(args, training_args) -> None:
+    """O-LoRA's terms read the blocks outside any module's forward, where ZeRO-3 leaves them partitioned."""
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    uses_blocks = args.method == "o_lora" and (args.orthogonal_weight or args.l2_weight)
+    if ds_config is not None and ds_config.is_zero3() and uses_blocks:
+        raise UsageError(
+            f"--deepspeed {training_args.deepspeed}: o_lora's regularizers need whole blocks; use ZeRO-2 (zero2.json)"
+        )
+
+
 def validate_task_inputs(args, training_args, task_plan) -> None:
     """Check everything this step reads, cheapest first; raise UsageError, DataError or CheckpointError."""
     _check_numbers(args)
+    _check_deepspeed(args, training_args)
     _check_data(args, task_plan, training_args.seed)
     model_type, hidden = _backbone_signature(args.model_name_or_path)
     earlier_dirs = _check_previous(args, task_plan, model_type, hidden, training_args.output_dir)
