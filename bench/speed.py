@@ -17,13 +17,12 @@ Measured: the median wall time of a training step (forward + backward + AdamW st
 time of greedy generation of 32 new tokens (backbone, LoRA, SAPT-1, SAPT-15, loop-15 only), the peak
 tensor memory of a training step, and the trainable parameters / optimizer state of each variant.
 
-Expected duration of the full run on the 2-core development CPU: 11.5 minutes wall
-(`python bench/speed.py --threads 1`, 685 s inside the script, measured while other jobs kept the
-load at 3-4; an idle box should be faster). On one H200 (--device cuda) the full run takes ~75 s.
-To stay under ~10 minutes there the defaults are 2 timed repeats (not 5) after 1 warm-up step (2 for
-the rows with a memory column; the second is the profiled one) and no warm-up generation (the model
-has just run its training steps). --repeats 5 --warmup 2 --gen-warmup 1 costs about 2x as long.
-On a shared, busy 2-core box pass --threads 1: two OpenMP threads competing with other processes
+Timing is round-robin: every variant is built and warmed up first, then each round times one
+training step of every variant (the starting variant rotates), and likewise for generation. A slow
+spell of a shared machine then lands on all variants alike instead of on whichever was being
+measured; medians over the rounds are reported. The defaults (3 rounds, 1 warm-up step, 1 warm-up
+generation) take about 12 minutes on the 2-core development CPU with --threads 1; --repeats 5 about
+17. On a shared, busy 2-core box pass --threads 1: two OpenMP threads competing with other processes
 made a step 2x and a generation 4x slower than one thread did. --smoke runs in a few seconds.
 """
 
@@ -205,19 +204,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def peak_memory_of(fn, device: torch.device) -> int:
     """Peak bytes of tensor memory allocated during fn() above what was live when it started.
 
@@ -303,12 +289,35 @@ def generate_fn(model: nn.Module, family: str, batch: dict, new_tokens: int, aut
     return gen
 
 
+def timed(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def round_robin(calls: dict, repeats: int, device: torch.device) -> dict:
+    """Time each named call `repeats` times, one call of every variant per round (the starting
+    variant rotates), so that a slow spell of a shared machine lands on all variants alike instead
+    of on whichever was being measured at that moment. Returns name -> list of seconds."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(calls[name], device))
+    return times
+
+
 def run_model(family: str, config, args, device, autocast) -> dict:
+    """Build every variant (same initial weights), warm each up, profile memory where asked, then
+    time training steps round-robin across variants, then generation likewise."""
     torch.manual_seed(args.seed)
     template = build_backbone(family, config, device)
     batch = make_batch(family, config.vocab_size, args.batch, args.seq, args.target_len, device, args.seed)
     gen_batch = make_batch(family, config.vocab_size, args.batch, args.seq, args.target_len, device, args.seed + 1)
-    results = {}
+    results, models, steps, gens = {}, {}, {}, {}
     for variant in variants(args.blocks, args.loop_blocks, args.mid):
         started = time.perf_counter()
         torch.manual_seed(args.seed)
@@ -323,20 +332,32 @@ def run_model(family: str, config, args, device, autocast) -> dict:
         if variant.memory:
             # A steady-state step, profiled; untimed, so it doubles as one more warm-up step.
             row["peak_step_mem_bytes"] = peak_memory_of(step, device)
-        times = time_calls(step, 0, args.repeats, device)
-        row["step_times_s"], row["step_s"] = times, statistics.median(times)
         if optimizer is not None:
             row.update(optimizer_report(model, optimizer))
+        results[variant.name], models[variant.name], steps[variant.name] = row, model, step
         if variant.generate:
-            model.eval()
-            gen = generate_fn(model, family, gen_batch, args.new_tokens, autocast, config.pad_token_id)
-            gen_times = time_calls(gen, args.gen_warmup, args.repeats, device)
-            row["gen_times_s"], row["gen_s"] = gen_times, statistics.median(gen_times)
-        results[variant.name] = row
-        print(f"  [{family}] {variant.name:>14}: step {row['step_s']:.3f}s"
-              + (f", generate {row['gen_s']:.3f}s" if "gen_s" in row else "")
-              + f"  ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
-        del model, optimizer, step
+            gens[variant.name] = generate_fn(model, family, gen_batch, args.new_tokens, autocast, config.pad_token_id)
+        print(f"  [{family}] {variant.name:>14}: built and warmed up ({time.perf_counter() - started:.0f}s)",
+              file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    for name, times in round_robin(steps, args.repeats, device).items():
+        results[name]["step_times_s"], results[name]["step_s"] = times, statistics.median(times)
+    print(f"  [{family}] training steps: {args.repeats} rounds of {len(steps)} variants "
+          f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    for name, gen in gens.items():
+        models[name].eval()
+        for _ in range(args.gen_warmup):
+            gen()
+    for name, times in round_robin(gens, args.repeats, device).items():
+        results[name]["gen_times_s"], results[name]["gen_s"] = times, statistics.median(times)
+    print(f"  [{family}] generation: {args.repeats} rounds of {len(gens)} variants "
+          f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+    for name, row in results.items():
+        print(f"  [{family}] {name:>14}: step {row['step_s']:.3f}s"
+              + (f", generate {row['gen_s']:.3f}s" if "gen_s" in row else ""), file=sys.stderr, flush=True)
     return results
 
 
@@ -385,8 +406,9 @@ def table(family: str, rows: dict, args) -> str:
             )
     lines += [
         "",
-        f"Times: median of {args.repeats} timed runs after {args.warmup} warm-up step(s) (+1, profiled, for "
-        f"rows with a memory column) and {args.gen_warmup} warm-up generation(s); device {args.device}"
+        f"Times: median of {args.repeats} round-robin rounds (one run of every variant per round) after "
+        f"{args.warmup} warm-up step(s) (+1, profiled, for rows with a memory column) and {args.gen_warmup} "
+        f"warm-up generation(s); device {args.device}"
         + (", bf16 autocast" if args.bf16 else ", fp32") + f", {torch.get_num_threads()} threads. "
         "Step = forward + backward + AdamW step (fresh optimizer per variant); the backbone row has nothing to "
         "train, so it backpropagates to the input embeddings (the backward every adapter pays) and has no "
@@ -428,13 +450,12 @@ def targets(all_results: dict, args) -> tuple[str, list[dict]]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models, 1 repeat, blocks 1 and 3")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; 1 with --smoke)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed warm-up steps (default 1; variants with a memory column run one more, "
                         "profiled)")
     parser.add_argument("--gen-warmup", type=int, default=None,
-                        help="untimed warm-up generations (default 0: the training steps before already ran "
-                        "every kernel; 1 with --smoke)")
+                        help="untimed warm-up generations per variant (default 1)")
     parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --smoke)")
     parser.add_argument("--seq", type=int, default=None, help="source / prompt tokens (default 256; 16 smoke)")
     parser.add_argument("--threads", type=int, default=None,
@@ -447,7 +468,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     smoke = args.smoke
-    defaults = {"repeats": 1 if smoke else 2, "warmup": 1, "gen_warmup": 1 if smoke else 0,
+    defaults = {"repeats": 1 if smoke else 3, "warmup": 1, "gen_warmup": 1,
                 "batch": 2 if smoke else 8, "seq": 16 if smoke else 256}
     for key, value in defaults.items():
         if getattr(args, key) is None:

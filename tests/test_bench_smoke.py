@@ -95,3 +95,12 @@ def test_swapped_model_computes_the_same_loss(family):
     batch = sample_batch(family)
     torch.testing.assert_close(looped(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
     assert looped.num_blocks == 4
+
+
+def test_round_robin_times_every_variant_once_per_round_with_a_rotating_start():
+    speed = load_speed()
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    times = speed.round_robin(calls, 4, torch.device("cpu"))
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
