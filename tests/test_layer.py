@@ -1,7 +1,10 @@
 """The batched mixing of SaptLinear against a plain per-task loop."""
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sapt.layer import RoutingState, SaptLinear
@@ -85,3 +88,40 @@ def test_matrices_kept_for_a_routed_pass_without_gradient_follow_every_block_cha
     # With gradient the current block is read live, so its gradient reaches it.
     layer(x).sum().backward()
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_gradients_equal_autograd_through_the_stacked_blocks(num_tasks, autocast):
+    """The training path skips the frozen blocks' weight gradients; every gradient that matters (input,
+    current block, routing weights) must equal plain autograd through the concatenated matrices."""
+    torch.manual_seed(num_tasks)
+    routing = RoutingState()
+    layer = SaptLinear(nn.Linear(16, 24), r=4, alpha=8, dropout=0.0, routing=routing)
+    for _ in range(num_tasks):
+        layer.freeze_block()
+        layer.add_block()
+        nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    logits = torch.randn(3, num_tasks, requires_grad=True)
+
+    def reference():
+        weights = logits.softmax(-1).repeat_interleave(layer.r, dim=1) * layer.scaling
+        down, up = layer.matrices()
+        hidden = F.linear(x, down.to(x.dtype)) * weights[:, None, :]
+        return layer.base_layer(x) + F.linear(hidden, up.to(x.dtype))
+
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    results = []
+    for compute in (lambda: layer(x), reference):
+        x.grad = logits.grad = layer.lora_A.grad = layer.lora_B.grad = None
+        routing.weights = logits.softmax(-1)
+        with context:
+            out = compute()
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach().float(), x.grad, logits.grad, layer.lora_A.grad, layer.lora_B.grad])
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, **tolerance)
+    assert layer.past_down.grad is None and not layer.past_down.requires_grad

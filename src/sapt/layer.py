@@ -64,6 +64,38 @@ class RoutingState:
         return self._per_rank[key]
 
 
+class _PartlyFrozenLinear(torch.autograd.Function):
+    """F.linear(x, cat([frozen, trainable], dim)) where only `trainable` (the current block) needs a
+    gradient. Autograd through the cat would compute the weight gradient of every block and keep
+    one; here backward computes the input's gradient and the trainable slice's only, so the earlier
+    blocks cost no weight-gradient products. dim 0: trainable output rows (the down-projection);
+    dim 1: trainable input columns (the up-projection)."""
+
+    @staticmethod
+    def forward(ctx, x, frozen, trainable, dim: int):
+        weight = torch.cat([frozen, trainable], dim=dim)
+        out = F.linear(x, weight)
+        ctx.save_for_backward(x, weight)
+        ctx.dim, ctx.split = dim, frozen.shape[dim]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        # Autocast may have run forward's product in a lower precision than x and weight are kept in.
+        grad_x = grad_trainable = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_2d, x_2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+            if ctx.dim == 0:
+                grad_trainable = grad_2d[:, ctx.split :].T @ x_2d  # (r, d_in)
+            else:
+                grad_trainable = grad_2d.T @ x_2d[:, ctx.split :]  # (d_out, r)
+            grad_trainable = grad_trainable.to(weight.dtype)
+        return grad_x, None, grad_trainable, None
+
+
 class SaptLinear(nn.Module):
     """Wraps one projection. Earlier tasks' blocks are frozen buffers; the current block trains.
 
@@ -168,11 +200,9 @@ class SaptLinear(nn.Module):
         return A[index], B[index]
 
     def product_matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`matrices()` in `dtype`. Without gradient they are kept for the rest of the routed pass, so
-        decoding does not re-concatenate (and re-cast) every block at every new token."""
-        if torch.is_grad_enabled() and self.lora_A is not None and self.lora_A.requires_grad:
-            down, up = self.matrices()
-            return down.to(dtype), up.to(dtype)
+        """`matrices()` in `dtype`, for products that need no gradient of the blocks. They are kept for
+        the rest of the routed pass, so decoding does not re-concatenate (and re-cast) every block at
+        every new token."""
         # Any replaced or updated block (a new tensor, or an in-place step) invalidates the entry.
         stamp = tuple((id(t), t._version) for t in (self.past_down, self.past_up, self.lora_A, self.lora_B) if t is not None)
         key = (id(self), dtype)
@@ -188,15 +218,20 @@ class SaptLinear(nn.Module):
         num_blocks = self.num_blocks
         if num_blocks == 0:
             return out
-        down, up = self.product_matrices(x.dtype)
-        # (..., d_in) @ (d_in, T*r) -> (..., T*r): every block's down-projection at once.
-        hidden = F.linear(self.dropout(x), down)
         weights = self._routing.per_rank(x.shape[0], self.r, self.scaling, x.dtype)  # (B, T*r)
-        if weights.shape[1] != hidden.shape[-1]:
+        if weights.shape[1] != num_blocks * self.r:
             raise RuntimeError(f"{weights.shape[1] // self.r} routing weights for {num_blocks} blocks")
-        # Each block's slice is scaled by its routing weight (and alpha/r), then all blocks go up in one
-        # product.
-        hidden = hidden * weights.view(weights.shape[0], *([1] * (x.dim() - 2)), -1)
+        weights = weights.view(weights.shape[0], *([1] * (x.dim() - 2)), -1)
+        if torch.is_grad_enabled() and self.lora_A is not None and self.lora_A.requires_grad:
+            # Training: the same two products, with weight gradients for the current block only.
+            dtype = x.dtype
+            hidden = _PartlyFrozenLinear.apply(self.dropout(x), self.past_down.to(dtype), self.lora_A.to(dtype), 0)
+            hidden = hidden * weights
+            return out + _PartlyFrozenLinear.apply(hidden, self.past_up.to(dtype), self.lora_B.to(dtype), 1)
+        down, up = self.product_matrices(x.dtype)
+        # (..., d_in) @ (d_in, T*r) -> (..., T*r): every block's down-projection at once; each block's
+        # slice is scaled by its routing weight (and alpha/r); then all blocks go up in one product.
+        hidden = F.linear(self.dropout(x), down) * weights
         return out + F.linear(hidden, up)
 
     def extra_repr(self) -> str:
