@@ -111,6 +111,10 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
     assert "interrupted by SIGTERM" in "".join(lines) and "run the same command again" in "".join(lines)
     assert list(out.glob("checkpoint-*/trainable.safetensors"))
     assert not (out / "task_complete.json").exists()
+    # Optimizer, scheduler and RNG states too are safetensors + JSON: nothing in a checkpoint is a pickle.
+    checkpoint = next(out.glob("checkpoint-*"))
+    assert {"optimizer.safetensors", "scheduler.json", "rng_state_0.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert not [p.name for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
 
 
 def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):

@@ -4,21 +4,28 @@ evaluation, and light checkpoints holding only what trains."""
 from __future__ import annotations
 
 import json
+import logging
+import random
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 from .io import save_tensors_atomic, write_json_atomic
 from .model import IGNORE_INDEX
+from .state_files import load_state, save_state, state_exists
 from .zero3 import gathered
 
 TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best_trainable.safetensors"
+OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
 SELECTION_FILE = "selection.json"
+
+logger = logging.getLogger(__name__)
 
 
 class SaptTrainer(Trainer):
@@ -122,6 +129,52 @@ class SaptTrainer(Trainer):
         load_trainable_tensors(model, load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE)))
         for part in self.checkpoint_parts:
             part.load(resume_from_checkpoint)
+
+    # The Trainer would torch.save (pickle) these; here they are safetensors + JSON (sapt.state_files).
+    # Under DeepSpeed no checkpoints are written at all (train_task turns them off).
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if self.args.should_save and not self.is_deepspeed_enabled:
+            save_state(Path(output_dir) / OPTIMIZER_STATE, self.optimizer.state_dict())
+            save_state(Path(output_dir) / SCHEDULER_STATE, self.lr_scheduler.state_dict())
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or self.is_deepspeed_enabled:
+            return
+        self.optimizer.load_state_dict(load_state(Path(checkpoint) / OPTIMIZER_STATE))
+        self.lr_scheduler.load_state_dict(load_state(Path(checkpoint) / SCHEDULER_STATE))
+
+    def _save_scaler(self, output_dir):
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling only
+        if scaler is not None and self.args.should_save:
+            save_state(Path(output_dir) / SCALER_STATE, scaler.state_dict())
+
+    def _load_scaler(self, checkpoint):
+        scaler = getattr(self.accelerator, "scaler", None)
+        if checkpoint is not None and scaler is not None and state_exists(Path(checkpoint) / SCALER_STATE):
+            scaler.load_state_dict(load_state(Path(checkpoint) / SCALER_STATE))
+
+    def _save_rng_state(self, output_dir):
+        """Every process keeps its own generators' states (data order, dropout)."""
+        states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.random.get_rng_state_all()
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # another process may not have made it yet
+        save_state(Path(output_dir) / f"{RNG_STATE}_{self.args.process_index}", states)
+
+    def _load_rng_state(self, checkpoint):
+        if checkpoint is None:
+            return
+        stem = Path(checkpoint) / f"{RNG_STATE}_{self.args.process_index}"
+        if not state_exists(stem):
+            logger.warning("%s: no random-generator state for process %d; the resumed run's randomness differs",
+                           checkpoint, self.args.process_index)
+            return
+        states = load_state(stem)
+        random.setstate(states["python"])
+        np.random.set_state(states["numpy"])
+        torch.random.set_rng_state(states["cpu"])
+        if torch.cuda.is_available() and "cuda" in states:
+            torch.cuda.random.set_rng_state_all(states["cuda"])
 
 
 def trainable_tensors(model) -> dict[str, torch.Tensor]:
