@@ -63,6 +63,22 @@ def make_sapt(family: str, num_tasks: int, seed: int = 0, **overrides):
     return model
 
 
+def stacked_layer(num_tasks: int, d_in: int, d_out: int, alpha: float = 8, r: int = 4):
+    """A SaptLinear with `num_tasks` blocks (older ones frozen, the newest trainable), every B drawn
+    from the global generator; returns (layer, its RoutingState)."""
+    from torch import nn
+
+    from sapt.layer import RoutingState, SaptLinear
+
+    routing = RoutingState()
+    layer = SaptLinear(nn.Linear(d_in, d_out), r=r, alpha=alpha, dropout=0.0, routing=routing)
+    for _ in range(num_tasks):
+        layer.freeze_block()
+        layer.add_block()
+        nn.init.normal_(layer.lora_B)
+    return layer, routing
+
+
 def sample_batch(family: str, batch: int = 3, length: int = 7, seed: int = 0):
     """Random token ids (ids >= 4 avoid the special tokens) with labels."""
     generator = torch.Generator().manual_seed(seed)

@@ -8,10 +8,8 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import REPO_ROOT, make_sapt, sample_batch
-from sapt.layer import RoutingState, SaptLinear
+from conftest import REPO_ROOT, make_sapt, sample_batch, stacked_layer
 
 SPEED = REPO_ROOT / "bench" / "speed.py"
 
@@ -63,12 +61,7 @@ def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
 def test_loop_reference_equals_sapt_linear(num_tasks, d_in, d_out):
     speed = load_speed()
     torch.manual_seed(num_tasks)
-    routing = RoutingState()
-    layer = SaptLinear(nn.Linear(d_in, d_out), r=4, alpha=32, dropout=0.0, routing=routing)
-    for _ in range(num_tasks):
-        layer.freeze_block()
-        layer.add_block()
-        nn.init.normal_(layer.lora_B)
+    layer, routing = stacked_layer(num_tasks, d_in, d_out, alpha=32)
     loop = speed.LoopLinear.from_sapt(layer, routing)
     # Same tensors, not copies: the loop trains exactly the SaptLinear's current block.
     assert loop.lora_A is layer.lora_A and loop.lora_B is layer.lora_B

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import stacked_layer
 from sapt.layer import RoutingState, SaptLinear
 
 
@@ -24,12 +25,7 @@ def per_task_reference(layer: SaptLinear, x: torch.Tensor, weights: torch.Tensor
 @pytest.mark.parametrize("d_in,d_out", [(16, 16), (16, 24)])
 def test_batched_mixing_equals_per_task_loop(num_tasks, d_in, d_out):
     torch.manual_seed(num_tasks)
-    routing = RoutingState()
-    layer = SaptLinear(nn.Linear(d_in, d_out), r=4, alpha=8, dropout=0.0, routing=routing)
-    for task in range(num_tasks):
-        layer.freeze_block()
-        layer.add_block()
-        nn.init.normal_(layer.lora_B)
+    layer, routing = stacked_layer(num_tasks, d_in, d_out)
     x = torch.randn(3, 5, d_in)
     routing.weights = torch.randn(3, num_tasks).softmax(-1)
     torch.testing.assert_close(layer(x), per_task_reference(layer, x, routing.weights), rtol=1e-5, atol=1e-5)
@@ -96,12 +92,7 @@ def test_training_gradients_equal_autograd_through_the_stacked_blocks(num_tasks,
     """The training path skips the frozen blocks' weight gradients; every gradient that matters (input,
     current block, routing weights) must equal plain autograd through the concatenated matrices."""
     torch.manual_seed(num_tasks)
-    routing = RoutingState()
-    layer = SaptLinear(nn.Linear(16, 24), r=4, alpha=8, dropout=0.0, routing=routing)
-    for _ in range(num_tasks):
-        layer.freeze_block()
-        layer.add_block()
-        nn.init.normal_(layer.lora_B)
+    layer, routing = stacked_layer(num_tasks, 16, 24)
     x = torch.randn(3, 5, 16, requires_grad=True)
     logits = torch.randn(3, num_tasks, requires_grad=True)
 
