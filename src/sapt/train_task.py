@@ -32,7 +32,7 @@ import torch.distributed as dist
 from datasets import concatenate_datasets
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .backbone import load_backbone, load_tokenizer
 from .baselines import l2_loss, orthogonality_loss, replay_memory, union
@@ -306,20 +306,16 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     selection = KeepBestTrainable(model, metric)
     trainer.add_callback(selection)
     trainer.checkpoint_parts.append(selection)
-    checkpoints = training_args.save_strategy != "no" and not trainer.is_deepspeed_enabled
-    if trainer.is_deepspeed_enabled and training_args.save_strategy != "no":
-        # DeepSpeed's engine checkpoints are pickled and hold the whole frozen backbone: not written.
-        logger.warning("DeepSpeed: no mid-task checkpoints; an interrupted task restarts from its beginning")
-        training_args.save_strategy = SaveStrategy.NO
     if args.eval_every_epochs:
-        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=checkpoints))
+        # save_strategy as the trainer left it (it turns checkpoints off under DeepSpeed)
+        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
     evaluates = training_args.eval_strategy != "no" or bool(args.eval_every_epochs)
     resume = training_args.resume_from_checkpoint
     if resume is None:
         resume = latest_complete_checkpoint(output_dir)  # an interrupted run of this task continues
     if resume:
         logger.info("resuming %s from %s", args.task, resume)
-    stop = StopOnSignal(save=not trainer.is_deepspeed_enabled)
+    stop = StopOnSignal(save=trainer.writes_checkpoints)
     trainer.add_callback(stop)
     try:
         train_result = trainer.train(resume_from_checkpoint=resume)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import SaveStrategy
 
 from .io import save_tensors_atomic, write_json_atomic
 from .model import IGNORE_INDEX
@@ -49,6 +50,12 @@ class SaptTrainer(Trainer):
         # Makes the Trainer count the label tokens of each optimizer step (compute_loss uses the count);
         # the model itself is never given that count.
         self.model_accepts_loss_kwargs = True
+        # DeepSpeed's engine checkpoints are pickled and hold the whole frozen backbone: under
+        # DeepSpeed none are written, and an interrupted task restarts from its beginning.
+        self.writes_checkpoints = not self.is_deepspeed_enabled
+        if not self.writes_checkpoints and self.args.save_strategy != SaveStrategy.NO:
+            logger.warning("DeepSpeed: no mid-task checkpoints; an interrupted task restarts from its beginning")
+            self.args.save_strategy = SaveStrategy.NO
 
     # ---- loss ---------------------------------------------------------------------------------
     # The loss is normalised here, not by the model: CE becomes this micro-batch's share of the mean
@@ -130,10 +137,13 @@ class SaptTrainer(Trainer):
         for part in self.checkpoint_parts:
             part.load(resume_from_checkpoint)
 
+    def _save_checkpoint(self, model, trial):
+        if self.writes_checkpoints:  # also when a callback (a signal, an epoch) asks for one
+            super()._save_checkpoint(model, trial)
+
     # The Trainer would torch.save (pickle) these; here they are safetensors + JSON (sapt.state_files).
-    # Under DeepSpeed no checkpoints are written at all (train_task turns them off).
     def _save_optimizer_and_scheduler(self, output_dir):
-        if self.args.should_save and not self.is_deepspeed_enabled:
+        if self.args.should_save:
             save_state(Path(output_dir) / OPTIMIZER_STATE, self.optimizer.state_dict())
             save_state(Path(output_dir) / SCHEDULER_STATE, self.lr_scheduler.state_dict())
 
