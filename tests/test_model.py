@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_sapt, sample_batch
+from conftest import BACKBONES, make_sapt, sample_batch
 from sapt.layer import SaptLinear
 
 
@@ -158,3 +158,52 @@ def test_target_modules_without_match_is_a_clear_error():
     config = SaptConfig.for_backbone(backbone, "x", target_modules=["query_key_value"])
     with pytest.raises(ValueError, match="query_key_value"):
         SaptModel(backbone, config)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def _draws_of_one_process_per_task(family: str, seed: int, num_tasks: int):
+    """Each task's initial key and A matrices as a pipeline makes them: a new process per task (here a
+    fresh model and a reset global stream), the earlier tasks known from their folder."""
+    from sapt.config import SaptConfig
+    from sapt.model import SaptModel
+
+    keys, downs = [], []
+    for position in range(num_tasks):
+        torch.manual_seed(seed)  # every process of a pipeline starts with set_seed(seed)
+        backbone = BACKBONES[family](0)
+        config = SaptConfig.for_backbone(backbone, f"tiny-{family}", tasks=[f"task{i + 1}" for i in range(position)])
+        model = SaptModel(backbone, config)
+        model.add_task(f"task{position + 1}", seed=seed)
+        keys.append(model.router.key.detach().clone())
+        downs.append(torch.cat([layer.lora_A.detach().flatten() for _, layer in model.sapt_layers()]))
+    return keys, downs
+
+
+def test_every_task_draws_its_own_key_and_block_and_the_same_on_a_rerun(family):
+    keys, downs = _draws_of_one_process_per_task(family, seed=42, num_tasks=3)
+    for i in range(3):
+        for j in range(i):
+            # Independent draws in d=32 / thousands of dimensions: |cos| is a few tenths at most.
+            assert abs(_cosine(keys[i], keys[j])) < 0.5
+            assert abs(_cosine(downs[i], downs[j])) < 0.5
+    again_keys, again_downs = _draws_of_one_process_per_task(family, seed=42, num_tasks=3)
+    assert all(torch.equal(a, b) for a, b in zip(keys + downs, again_keys + again_downs))
+    other_keys, _ = _draws_of_one_process_per_task(family, seed=43, num_tasks=1)
+    assert not torch.equal(other_keys[0], keys[0])  # the seed matters too
+
+
+def test_init_scheme_is_recorded_and_old_folders_read_as_the_shared_draw_scheme(tmp_path):
+    from sapt.config import INIT_SCHEME, LEGACY_INIT_SCHEME, SaptConfig
+
+    config = SaptConfig(base_model_name_or_path="m", model_type="llama", is_encoder_decoder=False, hidden_size=8)
+    assert config.init_scheme == INIT_SCHEME == 2
+    config.save(tmp_path)
+    assert SaptConfig.load(tmp_path).init_scheme == INIT_SCHEME
+    old = config.to_dict()
+    del old["init_scheme"]  # a folder written before the fix
+    assert SaptConfig.from_dict(old).init_scheme == LEGACY_INIT_SCHEME == 1
+    with pytest.raises(ValueError, match="init_scheme"):
+        SaptConfig.from_dict({**old, "init_scheme": 3})

@@ -18,6 +18,13 @@ DEFAULT_DECODER_TARGET_MODULES = ["q_proj", "v_proj"]
 
 CONFIG_NAME = "sapt_config.json"
 
+# How a task's new parameters (key, block A matrices) are drawn. 1: from the process's global random
+# stream, so every task of a one-process-per-task pipeline started from the same draws (a defect);
+# 2: from a generator seeded by (seed, task position), so every task draws its own. Folders written
+# before the field existed hold scheme 1.
+INIT_SCHEME = 2
+LEGACY_INIT_SCHEME = 1
+
 # Continual-learning methods, all built from the same wrapped projections (see docs/methods.md):
 #   sapt      one block per task, mixed by the router's weights (SALS) + ARM
 #   o_lora    one block per task, summed with weight 1 (+ orthogonality loss during training)
@@ -76,6 +83,10 @@ class SaptConfig:
     )
     method: str = field(default="sapt", metadata={"help": f"Continual-learning method: {', '.join(METHODS)}."})
     tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks learned so far, oldest first."})
+    init_scheme: int = field(
+        default=INIT_SCHEME,
+        metadata={"help": "Oldest scheme any block of the run was initialised with (1: shared draws, a defect; 2: per task)."},
+    )
 
     def __post_init__(self):
         if not self.target_modules:
@@ -122,6 +133,7 @@ class SaptConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown SAPT config keys: {sorted(unknown)}")
+        data = {"init_scheme": LEGACY_INIT_SCHEME, **data}  # written before schemes were recorded
         for name, value in data.items():
             if not _FIELD_CHECKS[name](value):
                 raise ValueError(f"{name!r} is {value!r}, expected {_FIELD_KINDS[name]}")
@@ -167,7 +179,7 @@ _FIELD_KINDS = {
     "hidden_size": "a positive integer", "target_modules": "a list of strings", "r": "a positive integer",
     "alpha": "a number", "dropout": "a number in [0, 1)", "query_dim": "a positive integer",
     "temperature": "a name or a number", "pool_padding": "true or false", "method": "a string",
-    "tasks": "a list of strings",
+    "tasks": "a list of strings", "init_scheme": f"an integer from 1 to {INIT_SCHEME}",
 }
 _FIELD_CHECKS = {
     "base_model_name_or_path": lambda v: isinstance(v, str),
@@ -183,4 +195,5 @@ _FIELD_CHECKS = {
     "pool_padding": lambda v: isinstance(v, bool),
     "method": lambda v: isinstance(v, str),
     "tasks": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+    "init_scheme": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= INIT_SCHEME,
 }

@@ -148,14 +148,17 @@ class SaptLinear(nn.Module):
         self.past_down = past_A.to(self.past_down).flatten(0, 1).contiguous()
         self.past_up = past_B.to(self.past_up).permute(1, 0, 2).flatten(1).contiguous()
 
-    def add_block(self) -> None:
-        """Start a new trainable block: A Kaiming-uniform (a=sqrt(5)), B zeros, so it starts as a no-op."""
+    def add_block(self, generator: torch.Generator | None = None) -> None:
+        """Start a new trainable block: A Kaiming-uniform (a=sqrt(5)), B zeros, so it starts as a no-op.
+        A is drawn on the CPU from `generator` (default: the global stream), so a seed gives the same
+        block on every device."""
         if self.lora_A is not None:
             raise RuntimeError("freeze the current block before adding a new one")
         device = self.past_down.device
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
+        lora_A = torch.empty(self.r, self.in_features)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def freeze_block(self) -> None:
         """Move the current block into the frozen stack (no gradient, no optimizer state)."""

@@ -6,6 +6,7 @@ embeddings) or once per `generate` (from the prompt), then lets the unmodified b
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 
 import torch
@@ -16,6 +17,17 @@ from .layer import RoutingState, SaptLinear
 from .router import Router, max_pool
 
 IGNORE_INDEX = -100
+
+
+def task_generator(seed: int, position: int) -> torch.Generator:
+    """The random stream that draws the new parameters of the task at `position` (0-based) of a run.
+
+    Every task of a pipeline runs in its own process with the same seed, so the global stream stands
+    at the same point whenever a task's key and block are drawn: they would start identical to the
+    previous task's, and the router could not tell the tasks apart. A stream of its own per
+    (seed, position) gives every task independent draws, and the same ones on every rerun."""
+    digest = hashlib.sha256(f"sapt-task-init/{seed}/{position}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def _wrap_projections(backbone: nn.Module, config: SaptConfig, routing: RoutingState) -> int:
@@ -116,20 +128,22 @@ class SaptModel(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.sapt_config.tasks)
 
-    def add_task(self, *tasks: str) -> None:
+    def add_task(self, *tasks: str, seed: int = 0) -> None:
         """Make the model ready to learn a task: a new trainable block (and key) for the methods with a
         block per task, else the one shared block made trainable again. Everything older stays frozen.
-        Several tasks at once only for joint training (mtl)."""
+        Several tasks at once only for joint training (mtl). New parameters are drawn from
+        `task_generator(seed, position)`, layers in module order, then the key."""
         learned = [t for t in tasks if t in self.sapt_config.tasks]
         if learned or len(set(tasks)) != len(tasks) or not tasks:
             raise ValueError(f"cannot learn {list(tasks)}: already learned or repeated: {learned or tasks}")
         if len(tasks) > 1 and self.sapt_config.block_per_task:
             raise ValueError(f"{self.sapt_config.method} learns one task per block")
+        generator = task_generator(seed, len(self.sapt_config.tasks))
         new_block = self.sapt_config.block_per_task or self.num_blocks == 0
         for _, layer in self.sapt_layers():
-            layer.add_block() if new_block else layer.thaw_block()
+            layer.add_block(generator) if new_block else layer.thaw_block()
         if self.router is not None:
-            self.router.add_key()
+            self.router.add_key(generator)
             self.router.query_net.requires_grad_(True)  # carried over from the last task, keeps training
         self.sapt_config.tasks.extend(tasks)
 

@@ -42,10 +42,12 @@ class Router(nn.Module):
     def num_keys(self) -> int:
         return self.past_keys.shape[0] + (self.key is not None)
 
-    def add_key(self) -> None:
+    def add_key(self, generator: torch.Generator | None = None) -> None:
+        """A new key, U(-1, 1), drawn on the CPU from `generator` (default: the global stream)."""
         if self.key is not None:
             raise RuntimeError("freeze the current key before adding a new one")
-        self.key = nn.Parameter(torch.empty(self.past_keys.shape[1], device=self.past_keys.device).uniform_(-1, 1))
+        key = torch.empty(self.past_keys.shape[1]).uniform_(-1, 1, generator=generator)
+        self.key = nn.Parameter(key.to(self.past_keys.device))
 
     def freeze_key(self) -> None:
         if self.key is not None:

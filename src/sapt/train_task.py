@@ -46,7 +46,7 @@ from .checkpoint import (
     save_task_artifacts,
 )
 from .collators import Collator
-from .config import METHODS, SaptConfig, release_temperature
+from .config import INIT_SCHEME, METHODS, SaptConfig, release_temperature
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of, carve_dev, load_pseudo_split, load_split
 from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 from .logs import setup_cli_logging
@@ -148,8 +148,9 @@ def plan(args: SaptArguments) -> TaskPlan:
     return TaskPlan(order, position, order[: position + 1], continues=args.method != "mtl" and position > 0)
 
 
-def build_model(args: SaptArguments, backbone, task_plan: TaskPlan) -> tuple[SaptModel, list[Path]]:
-    """The model ready to learn this step's task(s), and the folders of the earlier tasks' blocks."""
+def build_model(args: SaptArguments, backbone, task_plan: TaskPlan, seed: int) -> tuple[SaptModel, list[Path]]:
+    """The model ready to learn this step's task(s), and the folders of the earlier tasks' blocks.
+    The new task's block and key are drawn from a stream of (seed, position) of their own."""
     is_encoder_decoder = bool(backbone.config.is_encoder_decoder)
     wanted = SaptConfig.for_backbone(
         backbone,
@@ -166,7 +167,7 @@ def build_model(args: SaptArguments, backbone, task_plan: TaskPlan) -> tuple[Sap
     earlier_dirs: list[Path] = []
     if not task_plan.continues:
         model = SaptModel(backbone, wanted)
-        model.add_task(*(task_plan.learned if args.method == "mtl" else [args.task]))
+        model.add_task(*(task_plan.learned if args.method == "mtl" else [args.task]), seed=seed)
         return model, earlier_dirs
     if not args.previous_task_dir:
         raise UsageError(f"--previous_task_dir is required for task {task_plan.position + 1} of the order")
@@ -175,7 +176,12 @@ def build_model(args: SaptArguments, backbone, task_plan: TaskPlan) -> tuple[Sap
     model = restore_model(backbone, previous, found)
     if found.block_per_task:
         earlier_dirs = [(previous / d).resolve() for d in read_lineage(previous, found)]
-    model.add_task(args.task)
+    if found.init_scheme < INIT_SCHEME:
+        logger.warning(
+            "%s: its blocks and keys were initialised with scheme %d (every task drew the same values); "
+            "this task draws its own, but the folder keeps saying %d", previous, found.init_scheme, found.init_scheme,
+        )
+    model.add_task(args.task, seed=seed)
     return model, earlier_dirs
 
 
@@ -262,7 +268,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
     init_deepspeed_comm(training_args)  # before loading: ZeRO-3 partitions the backbone as it loads
     backbone = load_backbone(args.model_name_or_path)
-    model, earlier_dirs = build_model(args, backbone, task_plan)
+    model, earlier_dirs = build_model(args, backbone, task_plan, training_args.seed)
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
     logger.info(
         "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
