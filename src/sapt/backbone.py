@@ -121,18 +121,27 @@ def convert_gguf(out: str | Path, gguf_file: str | Path | None = None) -> Path:
     if is_converted(out):
         logger.info("%s is already converted; nothing to do", out)
         return out
-    if out.exists() and any(out.iterdir()):
-        raise BackboneError(f"--out {out}: folder exists, is not empty and holds no {SOURCE_RECORD}; choose another")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BackboneError(f"--out {out}: exists and is not an empty folder (no {SOURCE_RECORD} in it); choose another")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise BackboneError(f"--out {out}: {out.parent} is not a folder")
     path = Path(gguf_file) if gguf_file is not None else default_gguf_file()
     if not path.is_file():
         raise BackboneError(f"--gguf {path}: file does not exist")
     facts = gguf_facts(path)
     logger.info("converting %s (%s, %s)", path, facts["architecture"], facts["quantisation"])
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        loaded, info = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as err:
         raise BackboneError(f"{path}: transformers cannot read it ({str(err).splitlines()[0][:200]})") from None
+    # transformers fills a tensor the file lacks with random values and only logs it.
+    incomplete = sorted(set(info.get("missing_keys", ())) | {str(k) for k in info.get("mismatched_keys", ())})
+    if incomplete:
+        shown = ", ".join(incomplete[:3]) + (f" and {len(incomplete) - 3} more" if len(incomplete) > 3 else "")
+        raise BackboneError(f"{path}: tensors missing or of the wrong shape for {type(loaded).__name__}: {shown}")
     fresh = type(loaded)(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config

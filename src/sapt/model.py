@@ -58,13 +58,13 @@ class SaptModel(nn.Module):
         self.base_model = backbone
         self.sapt_config = config
         self.routing = RoutingState()
-        for param in backbone.parameters():
-            param.requires_grad_(False)
         if _wrap_projections(backbone, config, self.routing) == 0:
             raise ValueError(
                 f"no nn.Linear named {config.target_modules} in {type(backbone).__name__}; "
                 "set target_modules to the names of its attention projections"
             )
+        for param in backbone.parameters():  # after the check: a refused backbone is left as it was
+            param.requires_grad_(False)
         # A plain list: the layers stay registered once, under the backbone.
         self._layers = [module for module in backbone.modules() if isinstance(module, SaptLinear)]
         self.router = None

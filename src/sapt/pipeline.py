@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import METHODS
+from .data import DataError, find_task
 from .io import write_json_atomic, write_text_atomic
 from .validation import OneLineArgumentParser, check_task_overrides
 
@@ -42,6 +43,7 @@ class Experiment:
     gen_data_dir: str | None
     protocol: str = "paper"
     quick: bool = False
+    build_tiny: bool = False  # quick mode without a given model: the pipeline builds a tiny one first
     seed: int = 42
     gpus: int = 1
     deepspeed: str | None = None
@@ -125,6 +127,24 @@ def parse_set(values: list[str]) -> dict:
     return parsed
 
 
+def own_tasks(value: str, data_dir: Path, parser: argparse.ArgumentParser) -> list[str]:
+    """The task folders named by --tasks, in that order; each must exist when the data is already there
+    (a pipeline written before `make data` is checked when it runs)."""
+    tasks = [t.strip() for t in value.split(",") if t.strip()]
+    if not tasks:
+        parser.error("--tasks is empty")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        parser.error(f"--tasks repeats {', '.join(repeated)}")
+    if data_dir.is_dir():
+        for task in tasks:
+            try:
+                find_task(data_dir, task)
+            except DataError as err:
+                parser.error(str(err))
+    return tasks
+
+
 def build_parser(preset: str, settings: dict, orders: dict) -> argparse.ArgumentParser:
     family = settings["family"]
     available = sorted(orders[settings["benchmark"]], key=int)
@@ -136,10 +156,13 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
     parser.add_argument("--run_name", default=None, help="Folder name under logs_and_outputs/ (default from method, order).")
     parser.add_argument("--order", default=settings["default_order"], choices=available,
                         help="Task order (SPEC 4)" + ("; 1-3 are the standard 4-task benchmark" if settings["benchmark"] == "Long_Sequence" else ""))
+    parser.add_argument("--tasks", default=None, metavar="A,B,C",
+                        help="Your own task order: task folders of --data_dir, comma-separated (instead of --order).")
     parser.add_argument("--method", default="sapt", choices=METHODS)
     parser.add_argument("--protocol", default="paper", choices=["paper", "clean"],
                         help="paper: the released dev files (= test); clean: dev carved from train.")
-    parser.add_argument("--quick", action="store_true", help="Tiny local model, first three tasks, a few steps, CPU.")
+    parser.add_argument("--quick", action="store_true",
+                        help="First three tasks, a few steps, CPU; a tiny local model unless --model_name_or_path is given.")
     parser.add_argument("--data_dir", default="CL_Benchmark")
     parser.add_argument("--gen_data_root", default="generated_data", help="Folder holding lora_gen_* pseudo data.")
     parser.add_argument("--pseudo_data", default="shipped", choices=["shipped", "regenerate", "none"],
@@ -170,15 +193,19 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     if ns.gpus is not None and ns.gpus < 0:
         parser.error("--gpus must be 0 or more")
     tasks = list(orders[settings["benchmark"]][ns.order])
+    if ns.tasks is not None:
+        tasks = own_tasks(ns.tasks, Path(ns.workdir) / ns.data_dir, parser)
     model = ns.model_name_or_path or settings["model_name_or_path"]
     if ns.quick:
         settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
         synthetic = Path(ns.workdir) / ns.data_dir / "SYNTHETIC.json"
-        if synthetic.is_file():  # `make data` found no release and wrote the synthetic benchmark
+        if synthetic.is_file() and ns.tasks is None:  # `make data` found no release and wrote the synthetic benchmark
             tasks = load_json(synthetic)["orders"][settings["benchmark"]]
-        tasks = tasks[: settings["tasks"]]
+        if ns.tasks is None:
+            tasks = tasks[: settings["tasks"]]
         model = ns.model_name_or_path or f"tiny_models/{settings['family']}"
-    run_name = ns.run_name or f"{ns.method}_{preset}_order{ns.order}" + ("_quick" if ns.quick else "")
+    which = "tasks" if ns.tasks is not None else f"order{ns.order}"
+    run_name = ns.run_name or f"{ns.method}_{preset}_{which}" + ("_quick" if ns.quick else "")
     if not run_name.replace("-", "_").replace(".", "_").isidentifier():
         parser.error(f"--run_name {run_name!r} must be letters, digits, '-', '_' or '.'")
     gen_data_dir = None
@@ -187,9 +214,9 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     elif ns.method == "sapt" and ns.pseudo_data == "regenerate":
         gen_data_dir = f"logs_and_outputs/{run_name}/generated_data/{settings['gen_data']}"
     experiment = Experiment(
-        preset=preset, settings=settings, method=ns.method, order=ns.order, tasks=tasks, run_name=run_name,
-        model_name_or_path=model, data_dir=ns.data_dir, gen_data_dir=gen_data_dir, protocol=ns.protocol,
-        quick=ns.quick, seed=ns.seed, gpus=settings["gpus"] if ns.gpus is None else ns.gpus, deepspeed=getattr(ns, "deepspeed", None),
+        preset=preset, settings=settings, method=ns.method, order=ns.order if ns.tasks is None else "custom",
+        tasks=tasks, run_name=run_name, model_name_or_path=model, data_dir=ns.data_dir, gen_data_dir=gen_data_dir,
+        protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None, seed=ns.seed, gpus=settings["gpus"] if ns.gpus is None else ns.gpus, deepspeed=getattr(ns, "deepspeed", None),
         pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=ns.workdir, extra=extra,
     )
     output = Path(ns.output or f"scripts/generated/{run_name}.sh")
@@ -212,7 +239,7 @@ def render_pipeline(exp: Experiment, config_dir: str) -> str:
         f"LAUNCH=${{SAPT_LAUNCH:-{q(launch)}}}",
         "",
     ]
-    if exp.quick:
+    if exp.build_tiny:
         lines += [f"python -m sapt.tiny --family {exp.family} --out {q(exp.model_name_or_path)} "
                   f"--data_dir {q(exp.data_dir)} --d_model {exp.settings['tiny_d_model']}", ""]
     if exp.pseudo_data == "regenerate":
@@ -233,8 +260,11 @@ def render_pipeline(exp: Experiment, config_dir: str) -> str:
         '  $LAUNCH "$CONFIGS/$STEP.json"',
         "done",
         "",
-        f"python {q(str(REPO_ROOT / 'score.py'))} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""),
     ]
+    if exp.method == "single":  # each task alone: the reference for another run's FWT, no matrix of its own
+        lines.append(f'echo "[pipeline] single-task scores for FWT: python score.py RUN {exp.run_name}"')
+    else:
+        lines.append(f"python {q(str(REPO_ROOT / 'score.py'))} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
     return "\n".join(lines) + "\n"
 
 
