@@ -8,6 +8,9 @@ Models (random weights built from a config, nothing is downloaded):
          A step sees batch x 256 source tokens and batch x 64 target tokens.
   llama  hidden 512, 8 layers, 8 heads, intermediate 1376, vocab 32000.
          A step sees batch x 256 tokens (the first 192 are the prompt, the loss is on the last 64).
+  smollm2  SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads and 3 key/value heads (v_proj 576 -> 192),
+         intermediate 1536, vocab 49152, tied embeddings; inputs as llama. Not in the default --models
+         on the CPU (about 3x the llama shape's time); scripts/gpu_check.sh runs it.
 
 Variants: the frozen backbone alone; one peft LoRA on q and v (r=4, alpha=32); SAPT with 1, 5, 15
 and 30 blocks (blocks 1..T-1 frozen, block T trainable, plus the router); the per-task-loop reference
@@ -119,7 +122,16 @@ def model_configs(smoke: bool) -> dict:
         llama = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                             num_attention_heads=8, num_key_value_heads=8, bos_token_id=1, eos_token_id=2,
                             pad_token_id=0, max_position_embeddings=2048)
-    return {"t5": t5, "llama": llama}
+        # SmolLM2-135M's shape (the real model of bench/cl_real.py), random weights: grouped-query
+        # attention, so v_proj maps 576 -> 192.
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, max_position_embeddings=2048, tie_word_embeddings=True)
+    if smoke:
+        smollm2 = LlamaConfig(vocab_size=128, hidden_size=36, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=3, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                              pad_token_id=0, max_position_embeddings=256, tie_word_embeddings=True)
+    return {"t5": t5, "llama": llama, "smollm2": smollm2}
 
 
 def build_backbone(family: str, config, device: torch.device) -> nn.Module:

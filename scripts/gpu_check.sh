@@ -10,7 +10,7 @@ nvidia-smi -L || { echo "gpu_check: no CUDA GPU visible" >&2; exit 2; }
 python -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
 
 echo "== speed benchmark (CUDA, bf16 autocast) =="
-python bench/speed.py --device cuda --bf16 --repeats 5 --warmup 2 --gen-warmup 1 --json "$OUT_DIR/speed_cuda.json" | tee "$OUT_DIR/speed_cuda.md"
+python bench/speed.py --device cuda --bf16 --models t5,llama,smollm2 --repeats 5 --warmup 2 --gen-warmup 1 --json "$OUT_DIR/speed_cuda.json" | tee "$OUT_DIR/speed_cuda.md"
 bench_status=${PIPESTATUS[0]}
 
 echo "== quick SAPT pipeline on the GPU in bf16 =="

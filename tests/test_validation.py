@@ -373,3 +373,23 @@ def test_subprocess_generator_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "argument --order" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_backbone_folder_without_tokenizer(capsys, case, tmp_path):
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (case.model_dir / name).is_file():
+            shutil.copy(case.model_dir / name, bare / name)
+    argv = case.argv() + ["--model_name_or_path", str(bare)]
+    expect_error(capsys, argv, "--model_name_or_path", str(bare), "no usable tokenizer", output=case.output)
+
+
+def test_backbone_family_without_q_and_v_projections(capsys, case, tmp_path):
+    from transformers import GPT2Config
+
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(case.model_dir, gpt2, ignore=shutil.ignore_patterns("config.json", "*.safetensors"))
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=96).save_pretrained(gpt2)  # attention is one Conv1D c_attn
+    expect_error(capsys, case.argv(previous=None, task="task1_a") + ["--model_name_or_path", str(gpt2)],
+                 "--model_name_or_path", "gpt2 model has no nn.Linear named q_proj, v_proj", "--target_modules")

@@ -210,6 +210,45 @@ def _backbone_signature(name_or_path: str) -> tuple[str, int | None]:
     return config.model_type, hidden if isinstance(hidden, int) else None
 
 
+# Files any of which holds a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def _check_backbone_fits(name_or_path: str, model_type: str, target_modules: str | None) -> None:
+    """The folder has a tokenizer, and the family has the projections SAPT wraps. The model is built
+    on the meta device from its config: nothing is allocated and no weight is read."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer of the family's class without complaint
+        raise UsageError(
+            f"--model_name_or_path {name_or_path}: no usable tokenizer there (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer into the folder"
+        )
+    try:
+        AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--model_name_or_path {name_or_path}: no usable tokenizer there ({_first_line(err)})") from None
+    config = AutoConfig.from_pretrained(name_or_path)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--model_name_or_path {name_or_path}: cannot build a {model_type} model ({_first_line(err)})") from None
+    targets = target_modules.split(",") if target_modules else default_target_modules(model_type)
+    found = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)}
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise UsageError(
+            f"--model_name_or_path {name_or_path}: a {model_type} model has no nn.Linear named {', '.join(missing)} "
+            f"for SAPT's blocks; pass --target_modules with its attention projections"
+        )
+
+
 def _check_tensor_file(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing")
@@ -307,5 +346,6 @@ def validate_task_inputs(args, training_args, task_plan) -> None:
     _check_deepspeed(args, training_args)
     _check_data(args, task_plan, training_args.seed)
     model_type, hidden = _backbone_signature(args.model_name_or_path)
+    _check_backbone_fits(args.model_name_or_path, model_type, args.target_modules)
     earlier_dirs = _check_previous(args, task_plan, model_type, hidden, training_args.output_dir)
     _check_reflection(args, task_plan, earlier_dirs, training_args.seed)
