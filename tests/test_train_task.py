@@ -43,7 +43,9 @@ def test_two_task_run_writes_every_file_and_key(tiny_models, tmp_path, family):
     for position in (1, 2):
         done = train_task(tiny_models[family], outputs, position, family)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert (outputs / "task_order.txt").read_text().strip() == ",".join(TASKS)
+    # Byte for byte the release's format: its score.py splits on commas without stripping.
+    assert (outputs / "task_order.txt").read_bytes() == ",".join(TASKS).encode()
+    assert all((outputs / f"{i}-{t}").is_dir() for i, t in enumerate((outputs / "task_order.txt").read_text().split(","), 1))
     for position, task in enumerate(TASKS, start=1):
         folder = outputs / f"{position}-{task}"
         for name in ARTIFACTS:

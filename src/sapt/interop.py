@@ -30,6 +30,7 @@ import torch
 
 from .backbone import load_backbone
 from .checkpoint import TASK_DIR_PATTERN, CheckpointError, save_routing_mean, save_task_artifacts
+from .cl_metrics import TASK_ORDER_FILE
 from .config import SaptConfig
 from .io import write_text_atomic
 from .logs import stdout_kept_for_results
@@ -46,7 +47,6 @@ FAMILY_PROJECTIONS = {
 OFFICIAL_KEY = re.compile(r"^(?P<parent>.+)\.lora_(?P<proj>[qv])\.lora_(?P<part>[AB])$")
 PREVIOUS_MARKER = "previous_lora_weights"  # copies of older blocks inside a later task's files
 QUERY_NET_KEYS = ("0.weight", "1.weight", "3.weight", "3.bias")  # down, up, (SiLU), LayerNorm
-TASK_ORDER_FILE = "task_order.txt"
 
 LORA_A_FILE = "lora_weights_A.pt"
 LORA_B_FILE = "lora_weights_B.pt"
@@ -366,7 +366,7 @@ def import_official(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         _write_tasks(model, tasks, names, staging)
-        write_text_atomic(staging / TASK_ORDER_FILE, ",".join(names) + "\n")
+        write_text_atomic(staging / TASK_ORDER_FILE, ",".join(names))
         _check_out_dir(out_dir)  # nobody filled it meanwhile
         if out_dir.exists():
             out_dir.rmdir()

@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .backbone import load_backbone, load_tokenizer
 from .baselines import l2_loss, orthogonality_loss, replay_memory, union
+from .cl_metrics import TASK_ORDER_FILE
 from .checkpoint import (
     CheckpointError,
     load_config,
@@ -392,7 +393,8 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
             write_json_atomic(output_dir / "routing_weights.json", routing_report)
         write_json_atomic(output_dir / "all_results.json", results)
         write_json_atomic(output_dir / "train_results.json", train_result.metrics)
-        write_text_atomic(output_dir.parent / "task_order.txt", ",".join(task_plan.order) + "\n")
+        # The release's byte format: no trailing newline (its score.py splits on commas without stripping).
+        write_text_atomic(output_dir.parent / TASK_ORDER_FILE, ",".join(task_plan.order))
         # Written last: later tasks accept this folder only when it is there.
         write_json_atomic(
             output_dir / COMPLETE_FILE,
