@@ -134,3 +134,36 @@ def assert_tasks_drew_their_own_keys_and_blocks(outputs, steps):
         for j in range(i):
             assert abs(cosine(keys[i], keys[j])) < 0.5
             assert abs(cosine(downs[i], downs[j])) < 0.5
+
+
+def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
+    """--tasks trains exactly the named tasks in that order; --quick with a model uses it and builds no tiny one."""
+    data = tmp_path / "data" / "Long_Sequence"
+    for task in ("b_task", "a_task", "c_task"):
+        (data / task).mkdir(parents=True)
+    script = generate_in_process(
+        "long_llama", "--quick", "--tasks", "c_task,a_task", "--model_name_or_path", "models/smollm2-135m",
+        "--data_dir", "data", "--workdir", str(tmp_path), "--output", str(tmp_path / "p.sh"), capsys=capsys,
+    )
+    text = open(script).read()
+    assert "sapt.tiny" not in text and "STEPS=(1-c_task 2-a_task)" in text
+    configs = [json.loads(p.read_text()) for p in sorted((tmp_path / "p").glob("*.json"))]
+    assert [c["task"] for c in configs] == ["c_task", "a_task"]
+    assert all(c["model_name_or_path"] == "models/smollm2-135m" and c["task_order"] == "c_task,a_task" for c in configs)
+    # Without a model, quick mode builds its tiny one first.
+    script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,b_task", "--data_dir", "data",
+                                 "--workdir", str(tmp_path), "--output", str(tmp_path / "q.sh"), capsys=capsys)
+    assert "python -m sapt.tiny --family llama --out tiny_models/llama" in open(script).read()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("a_task,nope", "no task folder named 'nope'"), ("a_task,a_task", "--tasks repeats a_task"), (",", "--tasks is empty"),
+])
+def test_own_task_list_errors_are_one_line(tmp_path, value, message):
+    (tmp_path / "data" / "Long_Sequence" / "a_task").mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "gen_script_long_llama.py", "--tasks", value, "--data_dir", "data", "--workdir", str(tmp_path),
+         "--output", str(tmp_path / "p.sh")], capture_output=True, text=True, cwd=REPO_ROOT,
+    )
+    assert done.returncode == 2 and message in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "p.sh").exists()
