@@ -167,3 +167,13 @@ def test_own_task_list_errors_are_one_line(tmp_path, value, message):
     )
     assert done.returncode == 2 and message in done.stderr.splitlines()[-1]
     assert not (tmp_path / "p.sh").exists()
+
+
+def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_path, capsys):
+    def first_config(*extra):
+        generate_in_process("long_t5", "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *extra, capsys=capsys)
+        return json.loads(sorted((tmp_path / "p").glob("1-*.json"))[0].read_text())
+
+    assert first_config()["per_device_eval_batch_size"] == 32  # the preset's 16, doubled
+    assert first_config("--set", "per_device_train_batch_size=4")["per_device_eval_batch_size"] == 8
+    assert first_config("--set", "per_device_eval_batch_size=3")["per_device_eval_batch_size"] == 3

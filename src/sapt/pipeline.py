@@ -83,7 +83,6 @@ class Experiment:
             "learning_rate": s["learning_rate"],
             "num_train_epochs": s["num_train_epochs"],
             "per_device_train_batch_size": s["per_device_train_batch_size"],
-            "per_device_eval_batch_size": s["per_device_train_batch_size"] * 2,
             "gradient_accumulation_steps": s["gradient_accumulation_steps"],
             "eval_every_epochs": s["eval_every_epochs"],
             # A checkpoint per epoch (the last one kept) lets an interrupted task continue mid-way.
@@ -110,6 +109,8 @@ class Experiment:
             # DeepSpeed's own checkpoints are pickled and hold the frozen backbone: tasks restart whole.
             args["save_strategy"] = "no"
         args.update(self.extra)
+        # After --set: evaluation batches follow the training batch the run really uses.
+        args.setdefault("per_device_eval_batch_size", args["per_device_train_batch_size"] * 2)
         return args
 
 
