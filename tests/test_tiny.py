@@ -213,3 +213,17 @@ def test_pretraining_lowers_heldout_loss_and_is_deterministic(tmp_path, family):
     loss_before = tiny.heldout_loss(before, tokenizer, HELDOUT, family)
     loss_after = tiny.heldout_loss(after, tokenizer, HELDOUT, family)
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+
+
+def test_truncated_benchmark_file_is_a_one_line_error_and_writes_nothing(tmp_path):
+    task = tmp_path / "bench" / "Long_Sequence" / "t1"
+    task.mkdir(parents=True)
+    (task / "train.json").write_text('{"Definition": ["x"], "Instances": [{"inp')
+    done = subprocess.run(
+        [sys.executable, "-m", "sapt.tiny", "--family", "t5", "--out", str(tmp_path / "model"), "--data_dir", str(tmp_path / "bench")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("sapt.tiny: error: ") and str(task / "train.json") in last and "malformed JSON" in last
+    assert "Traceback" not in done.stderr and not (tmp_path / "model").exists()

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -37,6 +38,8 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from .data import DataError
+from .io import read_json
 from .logs import stdout_kept_for_results
 
 logger = logging.getLogger(__name__)
@@ -92,7 +95,9 @@ def _builtin_corpus() -> list[str]:
 
 def _task_texts(train_json: Path) -> list[str]:
     """Definitions plus the first instances' inputs and outputs of one task."""
-    data = json.loads(train_json.read_text(encoding="utf-8"))
+    data = read_json(train_json, DataError, "split file")  # one line naming the file, as train_task's checks
+    if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
+        raise DataError(f"{train_json}: expected a JSON object with an 'Instances' list")
     texts = [d for d in data.get("Definition") or [] if isinstance(d, str)]
     for instance in (data.get("Instances") or [])[:MAX_INSTANCES_PER_TASK]:
         texts.append(str(instance.get("input", "")))
@@ -373,11 +378,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="self-supervised pretraining steps after random init (0: none, random weights)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with stdout_kept_for_results():
-        out = build_tiny_model(
-            args.family, args.out, data_dir=args.data_dir, vocab_size=args.vocab_size,
-            seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
-        )
+    try:
+        with stdout_kept_for_results():
+            out = build_tiny_model(
+                args.family, args.out, data_dir=args.data_dir, vocab_size=args.vocab_size,
+                seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
+            )
+    except DataError as err:
+        print(f"sapt.tiny: error: {err}", file=sys.stderr)
+        sys.exit(2)
     print(out)
 
 
