@@ -220,6 +220,7 @@ def _check_backbone_fits(name_or_path: str, model_type: str, target_modules: str
     import torch
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.models.auto.auto_factory import _get_model_class
 
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -235,8 +236,11 @@ def _check_backbone_fits(name_or_path: str, model_type: str, target_modules: str
     config = AutoConfig.from_pretrained(name_or_path)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     try:
+        # The class itself, not `auto.from_config`: under a ZeRO-3 config, from_config would start
+        # DeepSpeed's partitioning (and its process group) before the entry point sets it up.
+        model_class = _get_model_class(config, auto._model_mapping)
         with torch.device("meta"):
-            skeleton = auto.from_config(config)
+            skeleton = model_class(config)
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--model_name_or_path {name_or_path}: cannot build a {model_type} model ({_first_line(err)})") from None
     targets = target_modules.split(",") if target_modules else default_target_modules(model_type)
