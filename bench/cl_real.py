@@ -29,8 +29,9 @@ chance; for a third label set, wic (True/False) reached 65.6% dev accuracy (chan
 make each step about four times slower, which does not fit the time budget. Retention, not difficulty,
 is what this measures.
 
-Expected duration on the 2-core development CPU: about 3-6 minutes per method for three tasks (fp32,
-two threads), so about 25-35 minutes for the default six runs. `--smoke` takes the first two tasks,
+Expected duration on the 2-core development CPU: 3-4 minutes per method for the three default tasks
+when nothing else runs (fp32, two threads), about 20-30 minutes for the six runs; measured 32 minutes
+with other benchmarks sharing the machine. `--smoke` takes the first two tasks,
 8 examples, 1 epoch and 2 test examples; its numbers only show the harness working.
 """
 
