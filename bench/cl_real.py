@@ -38,8 +38,9 @@ with other benchmarks sharing the machine. `--smoke` takes the first two tasks,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import os
 import subprocess
 import sys
 import time
@@ -49,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from sapt.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
-from sapt.pipeline import main as write_pipeline  # noqa: E402
+from sapt.pipeline import main as write_pipeline, parse_set  # noqa: E402
 
 PRESET = "long_llama"
 DEFAULT_MODEL = "models/smollm2-135m"
@@ -123,12 +124,8 @@ def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     ]
     for key, value in settings.items():
         generator_args += ["--set", f"{key}={json.dumps(value)}"]
-    with open(os.devnull, "w") as sink:  # the generator prints the pipeline's path; the log says it
-        stdout, sys.stdout = sys.stdout, sink
-        try:
-            code = write_pipeline(PRESET, generator_args)
-        finally:
-            sys.stdout = stdout
+    with contextlib.redirect_stdout(io.StringIO()):  # the generator prints the pipeline's path; the log says it
+        code = write_pipeline(PRESET, generator_args)
     if code:
         raise SystemExit(f"cl_real.py: error: the generator refused the settings of {method}")
     log = workdir / f"{run_name}.log"
@@ -197,14 +194,10 @@ def report(table: dict, tasks: list[str]) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = {**SETTINGS, **(SMOKE if args.smoke else {})}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"cl_real.py: error: --set expects KEY=VALUE, got {item!r}")
-        try:
-            settings[key] = json.loads(value)
-        except json.JSONDecodeError:
-            settings[key] = value
+    try:
+        settings.update(parse_set(args.set))
+    except argparse.ArgumentTypeError as err:
+        raise SystemExit(f"cl_real.py: error: {err}") from None
     model = Path(absolute(args.model_name_or_path))
     if not (model / "config.json").is_file():
         raise SystemExit(

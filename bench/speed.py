@@ -115,6 +115,9 @@ def model_configs(smoke: bool) -> dict:
         llama = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2,
                             pad_token_id=0, max_position_embeddings=256)
+        smollm2 = LlamaConfig(vocab_size=128, hidden_size=36, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=3, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                              pad_token_id=0, max_position_embeddings=256, tie_word_embeddings=True)
     else:
         # t5-small's shape (its defaults: relu FFN, dropout 0.1, tied embeddings, 32 position buckets).
         t5 = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_decoder_layers=6,
@@ -124,13 +127,9 @@ def model_configs(smoke: bool) -> dict:
                             pad_token_id=0, max_position_embeddings=2048)
         # SmolLM2-135M's shape (the real model of bench/cl_real.py), random weights: grouped-query
         # attention, so v_proj maps 576 -> 192.
-    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                          num_attention_heads=9, num_key_value_heads=3, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=0, max_position_embeddings=2048, tie_word_embeddings=True)
-    if smoke:
-        smollm2 = LlamaConfig(vocab_size=128, hidden_size=36, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=3, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
-                              pad_token_id=0, max_position_embeddings=256, tie_word_embeddings=True)
+        smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                              num_attention_heads=9, num_key_value_heads=3, bos_token_id=1, eos_token_id=2,
+                              pad_token_id=0, max_position_embeddings=2048, tie_word_embeddings=True)
     return {"t5": t5, "llama": llama, "smollm2": smollm2}
 
 

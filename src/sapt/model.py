@@ -30,14 +30,20 @@ def task_generator(seed: int, position: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def _wrap_projections(backbone: nn.Module, config: SaptConfig, routing: RoutingState) -> int:
-    """Replace every nn.Linear named in config.target_modules with a SaptLinear; return how many."""
-    targets = set(config.target_modules)
-    matches = [
+def target_linears(backbone: nn.Module, target_modules) -> list[tuple[str, nn.Linear]]:
+    """(path, module) of every nn.Linear whose own name is one of `target_modules`: the projections
+    that carry task blocks (also checked before loading, on a meta-device copy of the model)."""
+    targets = set(target_modules)
+    return [
         (name, module)
         for name, module in backbone.named_modules()
         if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear)
     ]
+
+
+def _wrap_projections(backbone: nn.Module, config: SaptConfig, routing: RoutingState) -> int:
+    """Replace every nn.Linear named in config.target_modules with a SaptLinear; return how many."""
+    matches = target_linears(backbone, config.target_modules)
     for name, module in matches:
         parent_name, _, child = name.rpartition(".")
         parent = backbone.get_submodule(parent_name) if parent_name else backbone

@@ -199,10 +199,10 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     model = ns.model_name_or_path or settings["model_name_or_path"]
     if ns.quick:
         settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
-        synthetic = Path(ns.workdir) / ns.data_dir / "SYNTHETIC.json"
-        if synthetic.is_file() and ns.tasks is None:  # `make data` found no release and wrote the synthetic benchmark
-            tasks = load_json(synthetic)["orders"][settings["benchmark"]]
-        if ns.tasks is None:
+        if ns.tasks is None:  # an own task list is taken as given
+            synthetic = Path(ns.workdir) / ns.data_dir / "SYNTHETIC.json"
+            if synthetic.is_file():  # `make data` found no release and wrote the synthetic benchmark
+                tasks = load_json(synthetic)["orders"][settings["benchmark"]]
             tasks = tasks[: settings["tasks"]]
         model = ns.model_name_or_path or f"tiny_models/{settings['family']}"
     which = "tasks" if ns.tasks is not None else f"order{ns.order}"
@@ -217,7 +217,8 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     experiment = Experiment(
         preset=preset, settings=settings, method=ns.method, order=ns.order if ns.tasks is None else "custom",
         tasks=tasks, run_name=run_name, model_name_or_path=model, data_dir=ns.data_dir, gen_data_dir=gen_data_dir,
-        protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None, seed=ns.seed, gpus=settings["gpus"] if ns.gpus is None else ns.gpus, deepspeed=getattr(ns, "deepspeed", None),
+        protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None, seed=ns.seed,
+        gpus=settings["gpus"] if ns.gpus is None else ns.gpus, deepspeed=getattr(ns, "deepspeed", None),
         pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=ns.workdir, extra=extra,
     )
     output = Path(ns.output or f"scripts/generated/{run_name}.sh")

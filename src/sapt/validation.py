@@ -194,14 +194,18 @@ def _check_data(args, task_plan, seed: int) -> None:
         load_split(data_dir, task, "test", seed, args.max_predict_samples)
 
 
-def _backbone_signature(name_or_path: str) -> tuple[str, int | None]:
-    """(model_type, width) from the backbone's config alone (no weights are loaded)."""
+def _backbone_config(name_or_path: str):
+    """The backbone's config alone (no weights are loaded)."""
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"--model_name_or_path {name_or_path}: cannot load the backbone's config ({_first_line(err)})") from None
+
+
+def _backbone_signature(config) -> tuple[str, int | None]:
+    """(model_type, width) of a backbone config."""
     try:
         text = config.get_text_config()
     except Exception:
@@ -214,13 +218,14 @@ def _backbone_signature(name_or_path: str) -> tuple[str, int | None]:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
-def _check_backbone_fits(name_or_path: str, model_type: str, target_modules: str | None) -> None:
+def _check_backbone_fits(name_or_path: str, config, target_modules: str | None) -> None:
     """The folder has a tokenizer, and the family has the projections SAPT wraps. The model is built
     on the meta device from its config: nothing is allocated and no weight is read."""
     import torch
-    from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.models.auto.auto_factory import _get_model_class
+
+    from .model import target_linears
 
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -233,7 +238,7 @@ def _check_backbone_fits(name_or_path: str, model_type: str, target_modules: str
         AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--model_name_or_path {name_or_path}: no usable tokenizer there ({_first_line(err)})") from None
-    config = AutoConfig.from_pretrained(name_or_path)
+    model_type = config.model_type
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     try:
         # The class itself, not `auto.from_config`: under a ZeRO-3 config, from_config would start
@@ -244,7 +249,7 @@ def _check_backbone_fits(name_or_path: str, model_type: str, target_modules: str
     except (ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--model_name_or_path {name_or_path}: cannot build a {model_type} model ({_first_line(err)})") from None
     targets = target_modules.split(",") if target_modules else default_target_modules(model_type)
-    found = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, nn.Linear)}
+    found = {name.rsplit(".", 1)[-1] for name, _ in target_linears(skeleton, targets)}
     missing = [t for t in targets if t not in found]
     if missing:
         raise UsageError(
@@ -349,7 +354,8 @@ def validate_task_inputs(args, training_args, task_plan) -> None:
     _check_numbers(args)
     _check_deepspeed(args, training_args)
     _check_data(args, task_plan, training_args.seed)
-    model_type, hidden = _backbone_signature(args.model_name_or_path)
-    _check_backbone_fits(args.model_name_or_path, model_type, args.target_modules)
+    config = _backbone_config(args.model_name_or_path)
+    model_type, hidden = _backbone_signature(config)
+    _check_backbone_fits(args.model_name_or_path, config, args.target_modules)
     earlier_dirs = _check_previous(args, task_plan, model_type, hidden, training_args.output_dir)
     _check_reflection(args, task_plan, earlier_dirs, training_args.seed)
