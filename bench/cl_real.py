@@ -82,10 +82,21 @@ SMOKE = {
 }
 
 
+def default_tasks(data_dir: str) -> list[str]:
+    """DEFAULT_TASKS, or the Long Sequence order of the synthetic benchmark where `make data` found no
+    release and wrote that instead (the rule the generators' quick mode follows)."""
+    synthetic = Path(absolute(data_dir)) / "SYNTHETIC.json"
+    if not synthetic.is_file():
+        return list(DEFAULT_TASKS)
+    print(f"[cl_real] {synthetic.parent} is the SYNTHETIC benchmark, not the released one: its tasks are used", flush=True)
+    return list(json.loads(synthetic.read_text())["orders"]["Long_Sequence"])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL)
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="task folders, in training order")
+    parser.add_argument("--tasks", default=None,
+                        help=f"task folders, in training order (default {','.join(DEFAULT_TASKS)}; on the synthetic benchmark, its order)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {','.join(METHODS)} (single always runs, for FWT)")
     parser.add_argument("--data_dir", default="CL_Benchmark", help="benchmark root (relative to the repository)")
     parser.add_argument("--gen_data_root", default="generated_data", help="folder holding lora_gen_long_llama")
@@ -97,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     parser.add_argument("--quiet", action="store_true", help="keep the pipelines' logs in files only")
     args = parser.parse_args(argv)
-    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(args.data_dir)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:

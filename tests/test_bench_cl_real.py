@@ -59,3 +59,12 @@ def test_missing_model_folder_is_a_one_line_error(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("cl_real.py: error:") and "make model" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_default_tasks_follow_the_synthetic_benchmark_when_the_release_is_missing(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import cl_real
+
+    assert cl_real.default_tasks(str(tmp_path)) == cl_real.DEFAULT_TASKS  # no SYNTHETIC.json: the released tasks
+    (tmp_path / "SYNTHETIC.json").write_text(json.dumps({"orders": {"Long_Sequence": ["synth_a", "synth_b"]}}))
+    assert cl_real.default_tasks(str(tmp_path)) == ["synth_a", "synth_b"]
