@@ -13,7 +13,7 @@ from sapt.checkpoint import load_checkpoint
 TASKS = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
 ARTIFACTS = [
     "sapt_config.json", "lineage.json", "block.safetensors", "router.safetensors", "routing_mean.json",
-    "routing_weights.json", "all_results.json", "task_complete.json",
+    "routing_weights.json", "all_results.json", "task_complete.json", "task_args.json",
 ]
 
 

@@ -29,6 +29,8 @@ BLOCK_FILE = "block.safetensors"
 ROUTER_FILE = "router.safetensors"
 LINEAGE_FILE = "lineage.json"
 ROUTING_MEAN_FILE = "routing_mean.json"
+# What the task was trained and evaluated with (the arguments of train_task), for re-evaluation and reports.
+TASK_ARGS_FILE = "task_args.json"
 TASK_DIR_PATTERN = re.compile(r"^(\d+)-(.+)$")
 
 

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from .backbone import load_backbone, load_tokenizer
 from .baselines import l2_loss, orthogonality_loss, replay_memory, union
 from .cl_metrics import TASK_ORDER_FILE
 from .checkpoint import (
+    TASK_ARGS_FILE,
     CheckpointError,
     load_config,
     load_routing_mean,
@@ -255,6 +257,18 @@ def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, s
     return [(args.kl_ratio, reflection.loss)], [reflection]
 
 
+def task_args_record(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
+    """The arguments a task step ran with: what a re-evaluation and a report need to know."""
+    record = dataclasses.asdict(args)
+    for name in (
+        "seed", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+        "learning_rate", "num_train_epochs", "max_steps", "bf16", "generation_max_length", "generation_num_beams",
+    ):
+        record[name] = getattr(training_args, name)
+    record["world_size"] = training_args.world_size
+    return record
+
+
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     task_plan = plan(args)
     validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
@@ -393,6 +407,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
             write_json_atomic(output_dir / "routing_weights.json", routing_report)
         write_json_atomic(output_dir / "all_results.json", results)
         write_json_atomic(output_dir / "train_results.json", train_result.metrics)
+        write_json_atomic(output_dir / TASK_ARGS_FILE, task_args_record(args, training_args))
         # The release's byte format: no trailing newline (its score.py splits on commas without stripping).
         write_text_atomic(output_dir.parent / TASK_ORDER_FILE, ",".join(task_plan.order))
         # Written last: later tasks accept this folder only when it is there.
