@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,35 @@ from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForCondition
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
-BENCHMARK = SHARED / "CL_Benchmark"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+# SAPT_TESTS_SYNTHETIC=1 runs the integration tests on the synthetic benchmark even beside the release.
+RELEASE_FOUND = (SHARED / "CL_Benchmark").is_dir() and os.environ.get("SAPT_TESTS_SYNTHETIC") != "1"
 VOCAB = 96
+
+
+def _data_root() -> Path:
+    """The released benchmark beside the repo, else the seeded synthetic one (same format), so the
+    integration tests run on a machine that has only the repo."""
+    if RELEASE_FOUND:
+        return SHARED
+    from sapt.prepare_data import write_synthetic_benchmark
+
+    root = REPO_ROOT / ".cache" / "synthetic_benchmark"
+    write_synthetic_benchmark(root)  # leaves identical files untouched: cheap, safe to repeat
+    return root
+
+
+DATA_ROOT = _data_root()
+BENCHMARK = DATA_ROOT / "CL_Benchmark"
+GENERATED = DATA_ROOT / "generated_data"
+if RELEASE_FOUND:  # two tasks of each benchmark that the integration tests train in order
+    SUPERNI_TASKS = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
+    LONG_TASKS = ["sst2", "agnews"]
+else:
+    from sapt.prepare_data import SYNTHETIC_ORDERS
+
+    SUPERNI_TASKS = SYNTHETIC_ORDERS["SuperNI"][:2]
+    LONG_TASKS = SYNTHETIC_ORDERS["Long_Sequence"][:2]
 
 
 def make_t5(seed: int = 0) -> T5ForConditionalGeneration:
@@ -40,8 +68,17 @@ def family(request) -> str:
     return request.param
 
 
-def requires_benchmark():
-    return pytest.mark.skipif(not BENCHMARK.is_dir(), reason=f"released benchmark not found at {BENCHMARK}")
+def requires_release():
+    """For tests of the released files themselves (not of code that merely reads a benchmark): skipped
+    on a machine without them, but a failure under CI=true, where ../shared must be beside the repo."""
+    if IN_CI and not RELEASE_FOUND:
+        return pytest.mark.usefixtures("_fail_without_release")
+    return pytest.mark.skipif(not RELEASE_FOUND, reason=f"released benchmark not found at {SHARED}")
+
+
+@pytest.fixture
+def _fail_without_release():
+    pytest.fail(f"CI=true but the released benchmark is not at {SHARED / 'CL_Benchmark'}")
 
 
 def make_sapt(family: str, num_tasks: int, seed: int = 0, **overrides):

@@ -6,20 +6,19 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARK, REPO_ROOT, SHARED, requires_benchmark
+from conftest import BENCHMARK, GENERATED, LONG_TASKS, REPO_ROOT
 
 SCRIPT = REPO_ROOT / "bench" / "cl_real.py"
 METHODS = ["sapt", "seq_lora", "mtl"]
-TASKS = ["sst2", "agnews"]
+TASKS = LONG_TASKS
 
 
-@requires_benchmark()
 def test_smoke_run_prints_the_table_and_writes_json(tmp_path, tiny_models):
     out = tmp_path / "table.json"
     command = [
         sys.executable, str(SCRIPT), "--smoke", "--quiet", "--model_name_or_path", str(tiny_models["llama"]),
         "--tasks", ",".join(TASKS), "--methods", ",".join(METHODS), "--data_dir", str(BENCHMARK),
-        "--gen_data_root", str(SHARED / "generated_data"), "--workdir", str(tmp_path / "work"), "--out", str(out),
+        "--gen_data_root", str(GENERATED), "--workdir", str(tmp_path / "work"), "--out", str(out),
     ]
     proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -45,10 +44,10 @@ def test_smoke_run_prints_the_table_and_writes_json(tmp_path, tiny_models):
     assert table["seq_lora"]["routing"] is None
 
     # Finished runs are not redone: a second call only reads them back.
-    stamp = (tmp_path / "work" / "logs_and_outputs" / "cl_real_sapt" / "outputs" / "2-agnews" / "all_results.json").stat().st_mtime_ns
+    stamp = (tmp_path / "work" / "logs_and_outputs" / "cl_real_sapt" / "outputs" / f"2-{TASKS[1]}" / "all_results.json").stat().st_mtime_ns
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(out.read_text())["sapt"]["AP"] == table["sapt"]["AP"]
-    assert (tmp_path / "work" / "logs_and_outputs" / "cl_real_sapt" / "outputs" / "2-agnews" / "all_results.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "work" / "logs_and_outputs" / "cl_real_sapt" / "outputs" / f"2-{TASKS[1]}" / "all_results.json").stat().st_mtime_ns == stamp
 
 
 def test_missing_model_folder_is_a_one_line_error(tmp_path):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import BENCHMARK, requires_benchmark
+from conftest import SHARED, requires_release
 from sapt.collators import Collator
 from sapt.data import DataError, carve_dev, format_prompt, load_pseudo_split, load_split
 from sapt.metrics import compute_metrics, exact_match, normalize_answer, rouge_l
@@ -75,13 +75,13 @@ def test_clean_protocol_carves_a_disjoint_dev(tmp_path):
     assert dev["index"] == list(range(6))
 
 
-@requires_benchmark()
+@requires_release()
 def test_released_tasks_and_pseudo_data_load():
-    superni = load_split(BENCHMARK, "task363_sst2_polarity_classification", "test")
+    superni = load_split(SHARED / "CL_Benchmark", "task363_sst2_polarity_classification", "test")
     assert len(superni) == 100 and superni[0]["source"].startswith("Definition: In this task")
-    copa = load_split(BENCHMARK, "copa", "train")
+    copa = load_split(SHARED / "CL_Benchmark", "copa", "train")
     assert not copa[0]["source"].startswith("\n")
-    pseudo = load_pseudo_split(BENCHMARK.parent / "generated_data" / "lora_gen_superni_t5", "task363_sst2_polarity_classification")
+    pseudo = load_pseudo_split(SHARED / "generated_data" / "lora_gen_superni_t5", "task363_sst2_polarity_classification")
     assert len(pseudo) == 20 and set(pseudo["target"]) == {""}
 
 

@@ -4,6 +4,7 @@ another exception. Bounded: every property runs a fixed, small number of example
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -137,11 +138,20 @@ def official_key(module: str) -> str:
     return f"{parent}.lora_{proj[0]}"
 
 
+# Built once: hundreds of fuzzed imports each wrap a fresh copy instead of building or reading a backbone.
+BACKBONE = BACKBONES["t5"](seed=0)
+
+
+def fresh_backbone():
+    return copy.deepcopy(BACKBONE)
+
+
 @pytest.fixture(scope="module")
 def official(tmp_path_factory):
-    """A tiny T5 backbone and one valid official saved_weights folder (task 1)."""
+    """A tiny T5 backbone and one valid official saved_weights folder (task 1); while the module's tests
+    run, the importer takes a copy of the built backbone instead of reading it from disk each time."""
     root = tmp_path_factory.mktemp("official")
-    backbone = BACKBONES["t5"](seed=0)
+    backbone = fresh_backbone()
     backbone.save_pretrained(root / "backbone")
     d = backbone.get_input_embeddings().embedding_dim
     gen = torch.Generator().manual_seed(0)
@@ -157,7 +167,9 @@ def official(tmp_path_factory):
     torch.save(torch.rand(1, d) * 2 - 1, folder / "prompts_keys_till_now.pt")
     (folder / "attention_weights.pkl").write_bytes(pickle.dumps(np.array([1.0])))
     interop.import_official("t5", root / "backbone", [folder], root / "sanity")  # the unmodified folder imports
-    return root / "backbone", folder
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(interop, "load_backbone", lambda path: fresh_backbone())
+        yield root / "backbone", folder
 
 
 def check_import(official, mutate) -> None:
@@ -174,7 +186,7 @@ def check_import(official, mutate) -> None:
             assert "\n" not in str(err)
             assert not out.exists()
             return
-        model = load_checkpoint(out, backbone=BACKBONES["t5"](seed=0))
+        model = load_checkpoint(out, backbone=fresh_backbone())
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([[5, 6, 7]]), decoder_input_ids=torch.tensor([[0, 5]])).logits
         assert torch.isfinite(logits).all()
@@ -334,7 +346,7 @@ def task_folder(tmp_path_factory):
     model = make_sapt("t5", 1)
     save_task_artifacts(model, folder, [])
     save_routing_mean(folder, ["task1"], [1.0])
-    load_checkpoint(folder, backbone=BACKBONES["t5"](seed=0))  # sanity: the unmodified folder loads
+    load_checkpoint(folder, backbone=fresh_backbone())  # sanity: the unmodified folder loads
     return folder
 
 
@@ -348,7 +360,7 @@ def test_damaged_task_folder(task_folder, name, content):
         shutil.copytree(task_folder, folder)
         (folder / name).write_bytes(content)
         try:
-            load_checkpoint(folder, backbone=BACKBONES["t5"](seed=0))
+            load_checkpoint(folder, backbone=fresh_backbone())
             weights = load_routing_mean(folder)
         except CheckpointError as err:
             assert "\n" not in str(err)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT, SHARED
+from conftest import REPO_ROOT, SHARED, requires_release
 from sapt import prepare_data
 from sapt.data import load_pseudo_split, load_split
 from sapt.prepare_data import (
@@ -229,12 +229,15 @@ def test_packaged_manifest_is_the_release_manifest():
     manifest = load_manifest()
     assert len(manifest) == 285
     assert all(set(entry) == {"git_blob_sha1", "bytes", "instances"} for entry in manifest.values())
-    release = SHARED / "DATA_MANIFEST.json"
-    if release.is_file():
-        assert manifest == build_manifest(json.loads(release.read_text()))
 
 
-@pytest.mark.skipif(not (SHARED / "CL_Benchmark").is_dir(), reason=f"release not found at {SHARED}")
+@requires_release()
+def test_packaged_manifest_is_built_from_the_releases_manifest():
+    manifest = load_manifest()
+    assert manifest == build_manifest(json.loads((SHARED / "DATA_MANIFEST.json").read_text()))
+
+
+@requires_release()
 def test_shared_release_verifies_with_only_the_known_files_missing():
     report = verify_tree(SHARED)  # the packaged manifest; hashing all of ../shared takes about a second
     assert report.altered == []

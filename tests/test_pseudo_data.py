@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BENCHMARK, REPO_ROOT, requires_benchmark
+from conftest import BENCHMARK, REPO_ROOT, SUPERNI_TASKS
 
 from sapt.backbone import load_backbone, load_tokenizer
 from sapt.data import SPLITS, load_pseudo_split, read_split_file
@@ -31,7 +31,7 @@ from sapt.pseudo_data import (
 )
 from sapt.tiny import build_tiny_model
 
-TASK = "task363_sst2_polarity_classification"
+TASK = SUPERNI_TASKS[0]
 # Tiny random models need a far larger step than the release's 1e-3 to learn in ~100 steps.
 FAST = dict(batch_size=8, learning_rate=1e-2, target_length=96, log_every=20, sample_batch_size=8)
 # A random backbone's final norm leaves logits within about ±1 (LLaMA's output init has std 0.02), and
@@ -65,8 +65,6 @@ def _scaled_tiny(family: str, root) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory) -> dict[str, str]:
-    if not BENCHMARK.is_dir():
-        pytest.skip(f"released benchmark not found at {BENCHMARK}")
     root = tmp_path_factory.mktemp("pseudo-models")
     return {family: _scaled_tiny(family, root) for family in ("t5", "llama")}
 
@@ -102,7 +100,6 @@ def _train_and_check(path: str, steps: int) -> tuple:
     return model, tokenizer, settings, trainable, (first, last)
 
 
-@requires_benchmark()
 def test_t5_generator_learns_and_only_the_adapter_trains(tiny_dirs):
     model, tokenizer, settings, trainable, (first, last) = _train_and_check(tiny_dirs["t5"], steps=120)
     lora = [n for n in trainable if "lora_" in n]
@@ -117,7 +114,6 @@ def test_t5_generator_learns_and_only_the_adapter_trains(tiny_dirs):
     assert len(pairs) <= 2 and all(text and INP_TOKEN not in text and INP_TOKEN not in d for d, text in pairs)
 
 
-@requires_benchmark()
 def test_llama_generator_learns_with_trainable_output_rows(tiny_dirs):
     _, _, _, trainable, _ = _train_and_check(tiny_dirs["llama"], steps=60)
     deltas = sorted(n for n in trainable if "trainable_tokens_delta" in n)
@@ -125,7 +121,6 @@ def test_llama_generator_learns_with_trainable_output_rows(tiny_dirs):
     assert all(".q_proj." in n or ".v_proj." in n for n in trainable if "lora_" in n)
 
 
-@requires_benchmark()
 def test_generate_for_task_writes_resumes_and_is_seeded(tiny_dirs, tmp_path):
     settings = GeneratorSettings(steps=40, seed=7, **FAST)
     runs = []

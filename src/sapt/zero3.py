@@ -16,7 +16,14 @@ import torch
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
+    """Managed by ZeRO-3 (possibly kept whole: see `is_split`)."""
     return hasattr(param, "ds_id")
+
+
+def is_split(param: torch.Tensor) -> bool:
+    """Really split across processes: ZeRO-3 keeps tensors under its persistence threshold whole on
+    every process (transformers sets that threshold to 10 × hidden size)."""
+    return is_partitioned(param) and not getattr(param, "ds_persist", False)
 
 
 @contextmanager
