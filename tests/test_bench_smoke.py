@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,6 @@ def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for heading in ("### t5", "### llama", "## targets", "| variant | step (s) |"):
         assert heading in proc.stdout
-    assert "PASS" in proc.stdout or "FAIL" in proc.stdout
 
     data = json.loads(out.read_text())
     expected = {"backbone", "lora", "sapt-1", "sapt-3", "loop-3", "sapt-3+ckpt"}
@@ -53,7 +53,57 @@ def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
         assert rows["sapt-1"]["state_on_router"] == 0  # a ≡ 1: the router gets no gradient
         assert rows["sapt-3"]["frozen_block_values"] > 0
         assert rows["loop-3"]["trainable_params"] == rows["sapt-3"]["trainable_params"]
-    assert {c["model"] for c in data["targets"]} == {"t5", "llama"}
+    assert_target_verdicts_follow_the_measurements(data, proc.stdout)
+
+
+# The smoke run's targets (blocks 1 and 3: the middle and the top count are both 3), written out here:
+# (label, numerator row, denominator row, timing, comparison, bound).
+SMOKE_TARGETS = [
+    ("SAPT-3 step ≤ 1.10× LoRA", "sapt-3", "lora", "step_s", "<=", 1.10),
+    ("SAPT-3 step ≤ 1.20× LoRA", "sapt-3", "lora", "step_s", "<=", 1.20),
+    ("loop-3 / SAPT-3 step ≥ 1.25", "loop-3", "sapt-3", "step_s", ">=", 1.25),
+    ("SAPT-3 generate ≤ 1.10× LoRA", "sapt-3", "lora", "gen_s", "<=", 1.10),
+]
+
+
+def assert_target_verdicts_follow_the_measurements(data, stdout):
+    """Each target's ratio is the one of the measured rows, its verdict that ratio against its bound, and
+    the printed table says that verdict (whichever it is on a given machine)."""
+    printed = {}
+    for line in stdout.split("## targets", 1)[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0] in ("t5", "llama"):
+            printed[(cells[0], cells[1])] = (cells[2], cells[3])
+    expected = []
+    for family in ("t5", "llama"):
+        rows = data["models"][family]
+        for label, numerator, denominator, timing, comparison, bound in SMOKE_TARGETS:
+            value = rows[numerator][timing] / rows[denominator][timing]
+            verdict = value <= bound if comparison == "<=" else value >= bound
+            expected.append({"model": family, "target": label, "value": round(value, 4), "pass": verdict})
+            shown = f"{round(value, 4):.2f}"  # as the script prints the stored value
+            assert printed[(family, label)] == (shown, "PASS" if verdict else "FAIL"), (family, label)
+    assert data["targets"] == expected
+    assert len(printed) == len(expected)
+
+
+def test_target_verdicts_on_both_sides_of_each_bound():
+    speed = load_speed()
+    args = SimpleNamespace(mid=3, blocks=[1, 3])
+
+    def rows(step, loop, generate):  # LoRA takes 1 s a step and 1 s to generate
+        return {"lora": {"step_s": 1.0, "gen_s": 1.0}, "sapt-3": {"step_s": step, "gen_s": generate},
+                "loop-3": {"step_s": loop}}
+
+    text, checks = speed.targets({"t5": rows(1.05, 1.5, 1.1), "llama": rows(1.15, 1.2, 1.25)}, args)
+    assert [c["target"] for c in checks[:4]] == [t[0] for t in SMOKE_TARGETS]
+    # t5: 1.05 within both step bounds, loop 1.43 ≥ 1.25, generation exactly on its bound (1.1);
+    # llama: 1.15 above 1.10 but within 1.20, loop 1.04 < 1.25, generation 1.25 > 1.10.
+    assert [(c["model"], c["pass"]) for c in checks] == [
+        ("t5", True), ("t5", True), ("t5", True), ("t5", True),
+        ("llama", False), ("llama", True), ("llama", False), ("llama", False),
+    ]
+    assert text.count("| PASS |") == 5 and text.count("| FAIL |") == 3
 
 
 @pytest.mark.parametrize("num_tasks", [1, 3, 15])
