@@ -6,6 +6,7 @@ A task folder (`outputs/<i>-<task>/`) holds:
     block.safetensors     this task's block: "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r)
     router.safetensors    the query network after task i and the keys of tasks 1..i ("keys", oldest first)
     routing_mean.json     mean routing weights over task i's dev inputs, newest block first (SPEC 2.2)
+    predictions/<task>.jsonl  each test input's prediction (and, for SAPT, its routing weights)
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .backbone import load_backbone
+from .cl_metrics import PREDICTIONS_DIR, ROUTING_KEY  # noqa: F401  (run-folder names live with the scorer's)
+from .cl_metrics import TASK_ARGS_FILE  # noqa: F401  (re-exported: a task folder's record)
 from .config import CONFIG_NAME, SaptConfig
 from .io import read_json, save_tensors_atomic, write_json_atomic
 from .model import SaptModel
@@ -29,8 +32,6 @@ BLOCK_FILE = "block.safetensors"
 ROUTER_FILE = "router.safetensors"
 LINEAGE_FILE = "lineage.json"
 ROUTING_MEAN_FILE = "routing_mean.json"
-# What the task was trained and evaluated with (the arguments of train_task), for re-evaluation and reports.
-TASK_ARGS_FILE = "task_args.json"
 TASK_DIR_PATTERN = re.compile(r"^(\d+)-(.+)$")
 
 
@@ -38,7 +39,7 @@ class CheckpointError(ValueError):
     """An artifact folder is missing, incomplete or does not fit the model."""
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing")
     try:
@@ -172,7 +173,7 @@ def restore_model(backbone, task_dir: str | Path, config: SaptConfig | None = No
     layers = dict(model.sapt_layers())
     for entry in lineage:
         block_file = (task_dir / entry["dir"] / BLOCK_FILE).resolve()
-        tensors = _read_tensors(block_file)
+        tensors = read_tensors(block_file)
         expected = {f"{name}.lora_{m}" for name in layers for m in "AB"}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors))[:3], sorted(set(tensors) - expected)[:3]
@@ -191,7 +192,7 @@ def restore_model(backbone, task_dir: str | Path, config: SaptConfig | None = No
 
 
 def _load_router(model: SaptModel, path: Path, num_tasks: int) -> None:
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
     keys = tensors.pop("keys", None)
     hidden = model.sapt_config.hidden_size
     if keys is None or keys.shape != (num_tasks, hidden):

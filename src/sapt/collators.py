@@ -23,16 +23,25 @@ def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
 @dataclass
 class Collator:
     """`for_generation=False`: input_ids, attention_mask, labels.
-    `for_generation=True`: the prompt alone, plus `example_index` to find each example's reference."""
+    `for_generation=True`: the prompt alone, plus `example_index` to find each example's reference.
+
+    The last three fields reproduce the release's LLaMA collator (sapt.release_exact): prompts without
+    the tokenizer's special tokens (no BOS), padding with another id (the release's: BOS), and labels
+    cut after EOS is appended (EOS lost for labels of max_target_length tokens or more)."""
 
     tokenizer: object
     is_encoder_decoder: bool
     max_source_length: int = 512
     max_target_length: int = 50
     for_generation: bool = False
+    special_tokens: bool = True
+    pad_token_id: int | None = None  # default: the tokenizer's
+    eos_survives_truncation: bool = True
 
     def prompt_ids(self, sources: list[str]) -> list[list[int]]:
-        return self.tokenizer(sources, truncation=True, max_length=self.max_source_length)["input_ids"]
+        return self.tokenizer(
+            sources, truncation=True, max_length=self.max_source_length, add_special_tokens=self.special_tokens
+        )["input_ids"]
 
     def label_ids(self, targets: list[str]) -> list[list[int]]:
         if self.is_encoder_decoder:  # T5's tokenizer closes every sequence with </s>
@@ -40,10 +49,13 @@ class Collator:
                 "input_ids"
             ]
         ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
-        return [row[: self.max_target_length] + [self.tokenizer.eos_token_id] for row in ids]
+        eos = [self.tokenizer.eos_token_id]
+        if self.eos_survives_truncation:
+            return [row[: self.max_target_length] + eos for row in ids]
+        return [(row + eos)[: self.max_target_length] for row in ids]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id if self.pad_token_id is None else self.pad_token_id
         left = not self.is_encoder_decoder  # decoder-only prompts end where generation starts
         prompts = self.prompt_ids([ex["source"] for ex in examples])
         if self.for_generation:

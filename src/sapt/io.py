@@ -8,8 +8,6 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
 
 @contextmanager
@@ -59,7 +57,9 @@ def write_jsonl_atomic(path: str | Path, records) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def save_tensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file  # here: readers of JSON records need not load torch
+
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=metadata)

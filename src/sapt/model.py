@@ -219,7 +219,22 @@ class SaptModel(nn.Module):
         )
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, **kwargs):
-        """Route once from the prompt, then decode with the backbone's own `generate`."""
-        self.routing.weights = self.routing_weights(input_ids, attention_mask, inputs_embeds=kwargs.get("inputs_embeds"))
+    def generate(self, input_ids=None, attention_mask=None, routing_weights=None, **kwargs):
+        """Route once from the prompt, then decode with the backbone's own `generate`.
+
+        `routing_weights` (B, T), blocks oldest first, replaces the router's weights for each input. Only
+        sapt.evaluate passes it (oracle, uniform, mean routing); the default path never does."""
+        if routing_weights is None:
+            routing_weights = self.routing_weights(input_ids, attention_mask, inputs_embeds=kwargs.get("inputs_embeds"))
+        else:
+            routing_weights = self._checked_routing(routing_weights, input_ids, kwargs.get("inputs_embeds"))
+        self.routing.weights = routing_weights
         return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _checked_routing(self, weights: torch.Tensor, input_ids, inputs_embeds) -> torch.Tensor:
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if weights.shape != (batch, self.num_blocks):
+            raise ValueError(
+                f"routing weights of shape {tuple(weights.shape)} for {batch} inputs and {self.num_blocks} blocks"
+            )
+        return weights.to(device=self.device, dtype=torch.float32)

@@ -2,7 +2,8 @@
 
 The four `gen_script_*.py` files are presets over `main()`. The pipeline trains the tasks in order, one
 process each, skips tasks whose folder is complete (so running it again continues where it stopped),
-and ends with `score.py`.
+and ends with `score.py`. With `--seeds 1,2,3` one pipeline runs the whole experiment once per seed, one
+seed after another (runs `<run>_seed1`, ...), and ends with `score.py --aggregate` over them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .cl_metrics import COMPLETE_FILE
 from .config import METHODS
 from .data import DataError, find_task
 from .io import write_json_atomic, write_text_atomic
+from .release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
 from .validation import OneLineArgumentParser, check_task_overrides
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +26,17 @@ CONFIGS = REPO_ROOT / "configs"
 SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
 # Absolute: the pipeline runs in its --workdir, which need not be the repository.
 DEEPSPEED_CONFIGS = {stage: str(CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
-COMPLETE_FILE = "task_complete.json"
+DEFAULT_SEED = 42
+
+
+def seed_run_name(run_name: str, seed: int) -> str:
+    """The run of one seed of a --seeds experiment."""
+    return f"{run_name}_seed{seed}"
+
+
+def regenerated_pseudo_dir(run_name: str, settings: dict) -> str:
+    """Where a pipeline that regenerates ARM's pseudo samples writes them: inside its run."""
+    return f"logs_and_outputs/{run_name}/generated_data/{settings['gen_data']}"
 
 
 def load_json(path: Path) -> dict:
@@ -44,13 +57,16 @@ class Experiment:
     protocol: str = "paper"
     quick: bool = False
     build_tiny: bool = False  # quick mode without a given model: the pipeline builds a tiny one first
-    seed: int = 42
+    seed: int = DEFAULT_SEED
+    seeds: list[int] = field(default_factory=list)  # --seeds: the whole experiment once per seed
     gpus: int = 1
     deepspeed: str | None = None
     pseudo_data: str = "shipped"
     single_run: str | None = None
     workdir: str = str(REPO_ROOT)
     extra: dict = field(default_factory=dict)
+    release_exact: bool = False  # --release_exact: train as the release's code did (sapt.release_exact)
+    release_behaviours: str | None = None  # --release_behaviours: some of its behaviours
 
     @property
     def family(self) -> str:
@@ -58,6 +74,15 @@ class Experiment:
 
     def output_dir(self, position: int) -> str:
         return f"logs_and_outputs/{self.run_name}/outputs/{position}-{self.tasks[position - 1]}"
+
+    def seed_runs(self) -> list[Experiment]:
+        """One experiment per --seeds entry, each its own run `<run>_seed<N>` with its own pseudo data."""
+        runs = []
+        for seed in self.seeds:
+            name = seed_run_name(self.run_name, seed)
+            gen_data_dir = regenerated_pseudo_dir(name, self.settings) if self.pseudo_data == "regenerate" else self.gen_data_dir
+            runs.append(replace(self, run_name=name, seed=seed, seeds=[], gen_data_dir=gen_data_dir))
+        return runs
 
     def positions(self) -> list[int]:
         """1-based positions this method trains: all, or only the last for joint training."""
@@ -108,6 +133,15 @@ class Experiment:
             args["deepspeed"] = DEEPSPEED_CONFIGS[self.deepspeed]
             # DeepSpeed's own checkpoints are pickled and hold the frozen backbone: tasks restart whole.
             args["save_strategy"] = "no"
+        if self.release_exact or self.release_behaviours:
+            task = self.tasks[position - 1]
+            for key, value in release_task_arguments(
+                self.settings, task, position, self.release_exact, self.release_behaviours
+            ).items():
+                if value is None:
+                    args.pop(key, None)
+                else:
+                    args[key] = value
         args.update(self.extra)
         # After --set: evaluation batches follow the training batch the run really uses.
         args.setdefault("per_device_eval_batch_size", args["per_device_train_batch_size"] * 2)
@@ -126,6 +160,18 @@ def parse_set(values: list[str]) -> dict:
         except json.JSONDecodeError:
             parsed[key] = value
     return parsed
+
+
+def parse_seeds(value: str, parser: argparse.ArgumentParser) -> list[int]:
+    """--seeds 1,2,3: distinct non-negative integers, in the order they are to run."""
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    if not items or not all(item.isdigit() for item in items):
+        parser.error(f"--seeds expects non-negative integers separated by commas, got {value!r}")
+    seeds = [int(item) for item in items]
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        parser.error(f"--seeds repeats {', '.join(map(str, repeated))}")
+    return seeds
 
 
 def own_tasks(value: str, data_dir: Path, parser: argparse.ArgumentParser) -> list[str]:
@@ -168,12 +214,21 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
     parser.add_argument("--gen_data_root", default="generated_data", help="Folder holding lora_gen_* pseudo data.")
     parser.add_argument("--pseudo_data", default="shipped", choices=["shipped", "regenerate", "none"],
                         help="ARM's pseudo samples: the released ones, regenerated by this pipeline, or no ARM.")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=None, help=f"Seed of every task step (default {DEFAULT_SEED}).")
+    parser.add_argument("--seeds", default=None, metavar="1,2,3",
+                        help="Run the whole experiment once per seed, one after another, as runs <run>_seed<N>; "
+                             "the pipeline ends with score.py --aggregate over them.")
     parser.add_argument("--gpus", type=int, default=None,
                         help=f"Processes (GPUs) per task, >1 uses torchrun (default {settings['gpus']}; 0 with --quick).")
     if family == "llama":
         parser.add_argument("--deepspeed", default=None, choices=sorted(DEEPSPEED_CONFIGS), help="DeepSpeed ZeRO stage config.")
     parser.add_argument("--single_run", default=None, help="Single-task run name passed to score.py for FWT.")
+    parser.add_argument("--release_exact", action="store_true",
+                        help="Train as the official release's code did (docs/release_exact.md); LLaMA tasks then run "
+                             "in one process standing for the release's GPUs.")
+    parser.add_argument("--release_behaviours", default=None, metavar="A,B,-C",
+                        help="Some of the release's behaviours (names in sapt.release_exact; '-name' removes one "
+                             "from --release_exact).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any train_task argument.")
     parser.add_argument("--output", default=None, help="Pipeline path (default scripts/generated/<run>.sh).")
     parser.add_argument("--workdir", default=str(REPO_ROOT),
@@ -193,6 +248,9 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
         parser.error(str(err))
     if ns.gpus is not None and ns.gpus < 0:
         parser.error("--gpus must be 0 or more")
+    seeds = [] if ns.seeds is None else parse_seeds(ns.seeds, parser)
+    if seeds and (ns.seed is not None or "seed" in extra):
+        parser.error("give --seeds or a single seed (--seed, --set seed=...), not both")
     tasks = list(orders[settings["benchmark"]][ns.order])
     if ns.tasks is not None:
         tasks = own_tasks(ns.tasks, Path(ns.workdir) / ns.data_dir, parser)
@@ -205,45 +263,70 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
                 tasks = load_json(synthetic)["orders"][settings["benchmark"]]
             tasks = tasks[: settings["tasks"]]
         model = ns.model_name_or_path or f"tiny_models/{settings['family']}"
+    gpus = settings["gpus"] if ns.gpus is None else ns.gpus
+    release = bool(ns.release_exact or ns.release_behaviours)
+    if release:
+        try:
+            switches = generator_switches(settings, ns.release_exact, ns.release_behaviours)
+        except ReleaseArgumentError as err:
+            parser.error(str(err))
+        if switches.one_process and ((ns.gpus or 0) > 1 or getattr(ns, "deepspeed", None)):
+            parser.error("release-exact stepping and schedule run each task in one process that stands for the "
+                         "release's GPUs; drop --gpus and --deepspeed")
+        if switches.one_process:
+            gpus = min(gpus, 1)
     which = "tasks" if ns.tasks is not None else f"order{ns.order}"
-    run_name = ns.run_name or f"{ns.method}_{preset}_{which}" + ("_quick" if ns.quick else "")
+    run_name = ns.run_name or (
+        f"{ns.method}_{preset}_{which}" + ("_release" if release else "") + ("_quick" if ns.quick else "")
+    )
     if not run_name.replace("-", "_").replace(".", "_").isidentifier():
         parser.error(f"--run_name {run_name!r} must be letters, digits, '-', '_' or '.'")
     gen_data_dir = None
     if ns.method == "sapt" and ns.pseudo_data == "shipped":
         gen_data_dir = f"{ns.gen_data_root}/{settings['gen_data']}"
     elif ns.method == "sapt" and ns.pseudo_data == "regenerate":
-        gen_data_dir = f"logs_and_outputs/{run_name}/generated_data/{settings['gen_data']}"
+        gen_data_dir = regenerated_pseudo_dir(run_name, settings)
     experiment = Experiment(
         preset=preset, settings=settings, method=ns.method, order=ns.order if ns.tasks is None else "custom",
         tasks=tasks, run_name=run_name, model_name_or_path=model, data_dir=ns.data_dir, gen_data_dir=gen_data_dir,
-        protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None, seed=ns.seed,
-        gpus=settings["gpus"] if ns.gpus is None else ns.gpus, deepspeed=getattr(ns, "deepspeed", None),
+        protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None,
+        seed=DEFAULT_SEED if ns.seed is None else ns.seed, seeds=seeds,
+        gpus=gpus, deepspeed=getattr(ns, "deepspeed", None),
         pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=ns.workdir, extra=extra,
+        release_exact=ns.release_exact, release_behaviours=ns.release_behaviours,
     )
-    output = Path(ns.output or f"scripts/generated/{run_name}.sh")
+    output = Path(ns.output or f"scripts/generated/{run_name}" + ("_seeds" if seeds else "") + ".sh")
     return experiment, output
 
 
-def render_pipeline(exp: Experiment, config_dir: str) -> str:
-    q = shlex.quote
-    launch = "python -m sapt.train_task" if exp.gpus <= 1 else f"torchrun --nproc_per_node {exp.gpus} -m sapt.train_task"
-    lines = [
+def _launch(exp: Experiment) -> str:
+    return "python -m sapt.train_task" if exp.gpus <= 1 else f"torchrun --nproc_per_node {exp.gpus} -m sapt.train_task"
+
+
+def _header(exp: Experiment, also: str = "") -> list[str]:
+    return [
         "#!/usr/bin/env bash",
         f"# {exp.method} on {exp.settings['benchmark']} / {exp.family}, order {exp.order} ({len(exp.tasks)} tasks)"
-        + (", quick mode" if exp.quick else ""),
+        + (", quick mode" if exp.quick else "") + also,
         f"# Written by gen_script_{exp.preset}.py. Run it again to continue where it stopped:",
         "# tasks whose folder holds task_complete.json are skipped.",
         "set -euo pipefail",
-        f"cd {q(exp.workdir)}",
-        f"RUN={q(exp.run_name)}",
-        f"CONFIGS={q(config_dir)}",
-        f"LAUNCH=${{SAPT_LAUNCH:-{q(launch)}}}",
-        "",
+        f"cd {shlex.quote(exp.workdir)}",
     ]
-    if exp.build_tiny:
-        lines += [f"python -m sapt.tiny --family {exp.family} --out {q(exp.model_name_or_path)} "
-                  f"--data_dir {q(exp.data_dir)} --d_model {exp.settings['tiny_d_model']}", ""]
+
+
+def _tiny_model_lines(exp: Experiment) -> list[str]:
+    if not exp.build_tiny:
+        return []
+    q = shlex.quote
+    return [f"python -m sapt.tiny --family {exp.family} --out {q(exp.model_name_or_path)} "
+            f"--data_dir {q(exp.data_dir)} --d_model {exp.settings['tiny_d_model']}", ""]
+
+
+def _run_lines(exp: Experiment) -> list[str]:
+    """Pseudo data (when regenerated), every task step, then the run's score: one run of the experiment."""
+    q = shlex.quote
+    lines = []
     if exp.pseudo_data == "regenerate":
         steps = "--steps 100 --max_train_samples 32" if exp.quick else ""
         lines += [
@@ -267,16 +350,52 @@ def render_pipeline(exp: Experiment, config_dir: str) -> str:
         lines.append(f'echo "[pipeline] single-task scores for FWT: python score.py RUN {exp.run_name}"')
     else:
         lines.append(f"python {q(str(REPO_ROOT / 'score.py'))} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
+    return lines
+
+
+def render_pipeline(exp: Experiment, config_dir: str) -> str:
+    q = shlex.quote
+    lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", f"LAUNCH=${{SAPT_LAUNCH:-{q(_launch(exp))}}}", ""]
+    lines += _tiny_model_lines(exp) + _run_lines(exp)
     return "\n".join(lines) + "\n"
 
 
-def write_experiment(exp: Experiment, output: Path) -> Path:
-    """Write every task's config next to the pipeline and the pipeline itself; return its path."""
-    output = output if output.is_absolute() else REPO_ROOT / output
-    config_dir = output.with_suffix("")
+def seed_config_dir(config_dir: Path, seed: int) -> Path:
+    return config_dir / f"seed{seed}"
+
+
+def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
+    """The experiment once per seed, one seed after another, then mean, std and CI over the seeds' runs."""
+    q = shlex.quote
+    runs = exp.seed_runs()
+    lines = _header(exp, f", seeds {', '.join(map(str, exp.seeds))} one after another")
+    lines += [f"LAUNCH=${{SAPT_LAUNCH:-{q(_launch(exp))}}}", ""] + _tiny_model_lines(exp)
+    for run in runs:
+        lines += [f"# seed {run.seed}", f"RUN={q(run.run_name)}", f"CONFIGS={q(str(seed_config_dir(config_dir, run.seed)))}"]
+        lines += _run_lines(run) + [""]
+    if exp.method != "single":
+        single = f" --single {q(exp.single_run)}" if exp.single_run else ""
+        lines.append(f"python {q(str(REPO_ROOT / 'score.py'))} --aggregate {' '.join(q(r.run_name) for r in runs)}{single}")
+    return "\n".join(lines) + "\n"
+
+
+def write_configs(exp: Experiment, config_dir: Path) -> None:
     for position in exp.positions():
         write_json_atomic(config_dir / f"{position}-{exp.tasks[position - 1]}.json", exp.task_arguments(position))
-    write_text_atomic(output, render_pipeline(exp, str(config_dir)))
+
+
+def write_experiment(exp: Experiment, output: Path) -> Path:
+    """Write every task's config next to the pipeline (per seed with --seeds) and the pipeline itself."""
+    output = output if output.is_absolute() else REPO_ROOT / output
+    config_dir = output.with_suffix("")
+    if exp.seeds:
+        for run in exp.seed_runs():
+            write_configs(run, seed_config_dir(config_dir, run.seed))
+        text = render_seeds_pipeline(exp, config_dir)
+    else:
+        write_configs(exp, config_dir)
+        text = render_pipeline(exp, str(config_dir))
+    write_text_atomic(output, text)
     output.chmod(0o755)
     return output
 
@@ -284,6 +403,7 @@ def write_experiment(exp: Experiment, output: Path) -> Path:
 def main(preset: str, argv: list[str] | None = None) -> int:
     experiment, output = make_experiment(preset, argv)
     path = write_experiment(experiment, output)
-    print(f"{experiment.method}: {len(experiment.positions())} task step(s) of {experiment.run_name}; run with: bash {path}")
+    runs = ", ".join(r.run_name for r in experiment.seed_runs()) if experiment.seeds else experiment.run_name
+    print(f"{experiment.method}: {len(experiment.positions())} task step(s) of {runs}; run with: bash {path}")
     print(path)
     return 0

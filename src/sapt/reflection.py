@@ -4,20 +4,21 @@ For every earlier task i, a batch of its pseudo inputs goes through embeddings -
     L_KL^i = KL(target_i || softmax(s(x)))
 pulls its routing towards ā_i, the mean routing over task i's dev inputs when task i ended, with
 zeros for the blocks of tasks newer than i.
+
+What one optimizer step sees: for each earlier task, the step's window of `global batch` consecutive
+rows of its pseudo set, read as an endless cycle (step k takes rows k·G .. k·G + G - 1, modulo the set's
+size, G = per-device batch × processes × accumulation steps), and its term is the mean KL over that
+window. Each micro-batch of each process takes its own slice of the window, so one process with the
+whole batch, N processes with 1/N of it, and gradient accumulation all take the same step.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import contextlib
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-
-from .io import write_json_atomic
-
-STATE_FILE = "reflection_state.json"
 
 
 def arm_target(routing_mean: list[float], num_blocks: int) -> torch.Tensor:
@@ -27,41 +28,77 @@ def arm_target(routing_mean: list[float], num_blocks: int) -> torch.Tensor:
     return torch.tensor(list(routing_mean) + [0.0] * (num_blocks - len(routing_mean)))
 
 
-class AttentiveReflection:
-    """Draws one pseudo batch per earlier task per call, cycling through each pseudo set.
+def window_rows(num_rows: int, batch_size: int, position) -> list[int]:
+    """The pseudo rows of one micro-batch of one process: its slice of the step's window.
 
-    The position in the cycle is a plain counter saved with Trainer checkpoints, so a resumed run
-    sees the same pseudo batches as an uninterrupted one.
+    `position` is a trainer.StepPosition; slices follow micro-batch, then process, so the union over a
+    step's slices is one window of batch_size × processes × accumulation consecutive rows."""
+    global_batch = batch_size * position.world_size * position.accumulation_steps
+    share = position.micro_batch * position.world_size + position.rank
+    start = position.step * global_batch + share * batch_size
+    return [(start + k) % num_rows for k in range(batch_size)]
+
+
+class AttentiveReflection:
+    """The ARM term: one pseudo batch per earlier task per micro-batch, chosen by the step position.
+
+    Stateless: the rows depend only on where training is, so a resumed run sees the same pseudo rows
+    as an uninterrupted one.
     """
 
-    def __init__(self, pseudo_sets, routing_means: list[list[float]], collator, batch_size: int, num_blocks: int):
+    def __init__(
+        self, pseudo_sets, routing_means: list[list[float]], collator, batch_size: int, num_blocks: int, *,
+        rows=None, pool_all: bool = False, autocast_dtype: torch.dtype | None = None, first_step: int = 0,
+    ):
+        """Release-exact options (sapt.release_exact): `rows(task, position)` picks each pseudo batch's
+        rows instead of the step's window; `pool_all` max-pools over every position (padding too);
+        `autocast_dtype` computes the KL under autocast against a target of that dtype; no term before
+        optimizer step `first_step`."""
         if len(pseudo_sets) != len(routing_means):
             raise ValueError("one pseudo set per routing mean")
+        empty = [i for i, rows in enumerate(pseudo_sets) if len(rows) == 0]
+        if empty:
+            raise ValueError(f"pseudo set {empty[0]} is empty")
         self.targets = [arm_target(mean, num_blocks) for mean in routing_means]
-        # Pseudo sets are small (2% of a task): collate every batch once.
-        self._batches = [
-            list(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)) for dataset in pseudo_sets
-        ]
-        self.calls = 0
+        self.pseudo_sets = pseudo_sets
+        self.collator = collator
+        self.batch_size = batch_size
+        self.rows = rows or (lambda task, position: window_rows(len(self.pseudo_sets[task]), batch_size, position))
+        self.pool_all = pool_all
+        self.autocast_dtype = autocast_dtype
+        self.first_step = first_step
 
-    def save(self, directory: str | Path) -> None:
-        write_json_atomic(Path(directory) / STATE_FILE, {"calls": self.calls})
-
-    def load(self, directory: str | Path) -> None:
-        path = Path(directory) / STATE_FILE
-        if path.is_file():
-            self.calls = int(json.loads(path.read_text())["calls"])
-
-    def loss(self, model) -> torch.Tensor:
-        """Σ_i KL(target_i || a(x̃_i)), each averaged over its batch."""
+    def loss(self, model, position) -> torch.Tensor | None:
+        """Σ_i KL(target_i || a(x̃_i)), each averaged over this micro-batch's pseudo rows (None: no term here)."""
+        if position.step < self.first_step:
+            return None
         total = 0.0
-        for batches, target in zip(self._batches, self.targets):
-            batch = batches[self.calls % len(batches)]
-            logits = model.routing_logits(
-                batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-            )  # (B, T)
-            log_probs = logits.log_softmax(dim=-1)
-            expanded = target.to(log_probs).expand_as(log_probs)
-            total = total + F.kl_div(log_probs, expanded, reduction="batchmean")
-        self.calls += 1
+        for task in range(len(self.pseudo_sets)):
+            total = total + self.task_loss(task, model, position)
         return total
+
+    def task_terms(self) -> list:
+        """One term per earlier task, each called as term(model, position): the release backpropagates each alone."""
+        return [partial(self.task_loss, task) for task in range(len(self.targets))]
+
+    def task_loss(self, task: int, model, position) -> torch.Tensor | None:
+        """KL(target_task || a(x̃)) averaged over this micro-batch's pseudo rows of earlier task `task`."""
+        if position.step < self.first_step:
+            return None
+        rows = self.pseudo_sets[task]
+        batch = self.collator([rows[i] for i in self.rows(task, position)])
+        mask = None if self.pool_all else batch["attention_mask"].to(model.device)
+        with self._precision(model):
+            logits = model.routing_logits(batch["input_ids"].to(model.device), mask)  # (B, T)
+            log_probs = logits.log_softmax(dim=-1)
+            target = self.targets[task]
+            if self.autocast_dtype is None:
+                expanded = target.to(log_probs).expand_as(log_probs)
+            else:  # the release keeps ā in bf16
+                expanded = target.to(device=log_probs.device, dtype=self.autocast_dtype).expand_as(log_probs)
+            return F.kl_div(log_probs, expanded, reduction="batchmean")
+
+    def _precision(self, model):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(model.device.type, dtype=self.autocast_dtype)

@@ -27,7 +27,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from datasets import concatenate_datasets
@@ -37,7 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .backbone import load_backbone, load_tokenizer
 from .baselines import l2_loss, orthogonality_loss, replay_memory, union
-from .cl_metrics import TASK_ORDER_FILE
+from .cl_metrics import COMPLETE_FILE, ROUTING_FILE, TASK_ORDER_FILE
 from .checkpoint import (
     TASK_ARGS_FILE,
     CheckpointError,
@@ -51,18 +50,19 @@ from .checkpoint import (
 from .collators import Collator
 from .config import INIT_SCHEME, METHODS, SaptConfig, release_temperature
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of, carve_dev, load_pseudo_split, load_split
-from .io import write_json_atomic, write_jsonl_atomic, write_text_atomic
+from .io import write_json_atomic, write_text_atomic
 from .logs import setup_cli_logging
 from .metrics import compute_metrics
 from .model import SaptModel
+from .prediction import decode, generation_settings, load_test_sets, predict_tests, write_predictions
 from .reflection import AttentiveReflection
+from .release_exact import ReleaseMode
 from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, StopOnSignal
 from .validation import UsageError, parse_task_arguments, validate_task_inputs
-from .zero3 import init_deepspeed_comm, is_partitioned
+from .zero3 import init_deepspeed_comm, is_split
 
 logger = logging.getLogger("sapt")
 
-COMPLETE_FILE = "task_complete.json"
 
 # The release's training settings that differ from the Trainer's defaults (SPEC 4).
 RELEASE_DEFAULTS = {
@@ -121,6 +121,22 @@ class SaptArguments:
     )
     eval_every_epochs: int | None = field(
         default=None, metadata={"help": "Evaluate on dev (and save, if saving is on) every N epochs, as the release."}
+    )
+    # Release-exact mode: the switches and what each does are in sapt.release_exact.ReleaseSwitches.
+    release_exact: bool = field(
+        default=False,
+        metadata={"help": "Train as the official release's code did: every release behaviour of this backbone's "
+                          "family (docs/release_exact.md). Default: the method as the paper describes it."},
+    )
+    release_behaviours: str | None = field(
+        default=None,
+        metadata={"help": "Release behaviours one by one, comma-separated (names in sapt.release_exact); "
+                          "'-name' removes one from --release_exact."},
+    )
+    release_processes: int = field(
+        default=1,
+        metadata={"help": "Release-exact: how many of the release's processes this one stands for (its LLaMA "
+                          "scripts ran 4): CE is the mean of their micro-batch means, ARM's batch one's share."},
     )
 
     def __post_init__(self):
@@ -188,11 +204,6 @@ def build_model(args: SaptArguments, backbone, task_plan: TaskPlan, seed: int) -
     return model, earlier_dirs
 
 
-def decode(tokenizer, token_ids: np.ndarray) -> list[str]:
-    token_ids = np.where(token_ids < 0, tokenizer.pad_token_id, token_ids)
-    return [text.strip() for text in tokenizer.batch_decode(token_ids, skip_special_tokens=True)]
-
-
 @torch.no_grad()
 def mean_routing(model: SaptModel, dataset, collator: Collator, batch_size: int) -> list[float]:
     """Mean routing distribution over the examples of `dataset`, oldest block first.
@@ -238,23 +249,43 @@ def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
     if args.method == "replay" and task_plan.position > 0:
         earlier = [train_and_dev(task)[0] for task in task_plan.learned[:-1]]
         train = concatenate_datasets([train, replay_memory(earlier, args.replay_ratio, seed)])
-    tests = {t: load_split(args.data_dir, t, "test", seed, args.max_predict_samples) for t in task_plan.learned}
+    tests = load_test_sets(args.data_dir, task_plan.learned, seed, args.max_predict_samples)
     return train, dev, tests
 
 
-def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed):
-    """The weighted loss terms added to CE for this method, and the stateful ones among them."""
-    if args.method == "o_lora":
-        return [(args.orthogonal_weight, orthogonality_loss), (args.l2_weight, l2_loss)], []
+def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed, release=None, bf16=False):
+    """The weighted loss terms added to CE for this method, each called as term(model, StepPosition)."""
+    if args.method == "o_lora":  # terms of the parameters alone: the step position does not matter
+        return [
+            (args.orthogonal_weight, lambda model, _: orthogonality_loss(model)),
+            (args.l2_weight, lambda model, _: l2_loss(model)),
+        ]
     earlier = task_plan.learned[:-1]
     if args.method != "sapt" or not earlier or args.no_reflection or args.kl_ratio <= 0:
-        return [], []
+        return []
     if not args.gen_data_dir:
         raise UsageError("--gen_data_dir is required for ARM after the first task (or pass --no_reflection)")
     pseudo = [load_pseudo_split(args.gen_data_dir, t, seed) for t in earlier]
     means = [load_routing_mean(d) for d in earlier_dirs]
-    reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks)
-    return [(args.kl_ratio, reflection.loss)], [reflection]
+    if release is None:
+        reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks)
+        return [(args.kl_ratio, reflection.loss)]
+    batch_size = release.arm_batch_size(batch_size)
+    options = release.reflection_options([len(rows) for rows in pseudo], batch_size, seed, bf16)
+    reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks, **options)
+    if release.switches.per_backward_steps:  # the release backpropagates each earlier task's KL alone
+        return [(args.kl_ratio, term) for term in reflection.task_terms()]
+    return [(args.kl_ratio, reflection.loss)]
+
+
+def log_zero3_split(model: SaptModel, world_size: int) -> None:
+    """Which tensors ZeRO-3 really splits (the rest it keeps whole on every process)."""
+    split = [name for name, p in model.named_parameters() if is_split(p)]
+    if not split:
+        return
+    kinds = {"lora_A": ".lora_A", "lora_B": ".lora_B", "router key": "router.key", "query network": "router.query_net."}
+    counts = ", ".join(f"{kind} {sum(pattern in n for n in split)}" for kind, pattern in kinds.items())
+    logger.info("ZeRO-3 splits %d parameter tensors across %d processes; SAPT's: %s", len(split), world_size, counts)
 
 
 def task_args_record(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
@@ -281,9 +312,13 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
 
     hf_config = AutoConfig.from_pretrained(args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
+    release = ReleaseMode.from_arguments(args, bool(hf_config.is_encoder_decoder))  # all off by default
+    release.apply_to_arguments(args)
     init_deepspeed_comm(training_args)  # before loading: ZeRO-3 partitions the backbone as it loads
     backbone = load_backbone(args.model_name_or_path)
     model, earlier_dirs = build_model(args, backbone, task_plan, training_args.seed)
+    if not task_plan.continues:  # a new router (later tasks carry the query network over)
+        release.init_query_net(model, hf_config, training_args.seed)
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
     logger.info(
         "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
@@ -292,12 +327,15 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
 
     train, dev, tests = load_training_data(args, task_plan, training_args.seed)
     lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
-    train_collator = Collator(tokenizer, is_encoder_decoder, **lengths)
-    generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True)
-    terms, stateful_terms = training_terms(
-        args, model, task_plan, earlier_dirs, generation_collator, training_args.per_device_train_batch_size,
-        training_args.seed,
+    tokenization = release.collator_options(tokenizer)
+    train_collator = Collator(tokenizer, is_encoder_decoder, **lengths, **tokenization)
+    generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True, **tokenization)
+    terms = training_terms(
+        args, model, task_plan, earlier_dirs, train_collator if release.switches.pseudo_rows else generation_collator,
+        training_args.per_device_train_batch_size, training_args.seed, release if release.switches.any else None,
+        training_args.bf16,
     )
+    release_training, release_evaluation = release.training(training_args, len(train))
 
     # ---- training with model selection on dev ---------------------------------------------------
     dev_references = list(dev["target"])
@@ -317,20 +355,18 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         compute_metrics=dev_metrics,
         regularizers=terms,
         router_learning_rate=args.router_learning_rate,
-        checkpoint_parts=stateful_terms,
-        generation_kwargs={
-            "max_new_tokens": training_args.generation_max_length or 50,
-            "num_beams": training_args.generation_num_beams or 1,
-            "do_sample": False,
-        },
+        generation_kwargs=generation_settings(training_args.generation_max_length, training_args.generation_num_beams),
+        release=release_training,
     )
     selection = KeepBestTrainable(model, metric)
     trainer.add_callback(selection)
-    trainer.checkpoint_parts.append(selection)
-    if args.eval_every_epochs:
+    trainer.checkpoint_parts.append(selection)  # the best-on-dev snapshot survives a resume
+    if release_evaluation is not None:  # the release's points only, and no final evaluation
+        trainer.add_callback(release_evaluation)
+    elif args.eval_every_epochs:
         # save_strategy as the trainer left it (it turns checkpoints off under DeepSpeed)
         trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
-    evaluates = training_args.eval_strategy != "no" or bool(args.eval_every_epochs)
+    evaluates = release_evaluation is None and (training_args.eval_strategy != "no" or bool(args.eval_every_epochs))
     resume = training_args.resume_from_checkpoint
     if resume is None:
         resume = latest_complete_checkpoint(output_dir)  # an interrupted run of this task continues
@@ -349,12 +385,7 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
                else "no checkpoint is kept in this set-up: the same command restarts this task"),
             128 + stop.received,
         )
-    partitioned = [name for name, p in model.named_parameters() if is_partitioned(p)]
-    if partitioned:
-        logger.info(
-            "ZeRO-3 partitions %d parameter tensors (%d of them SAPT's) across %d processes",
-            len(partitioned), sum(".lora_" in n or n.startswith("router.") for n in partitioned), trainer.args.world_size,
-        )
+    log_zero3_split(model, trainer.args.world_size)
     if evaluates and selection.last_eval_step != trainer.state.global_step:
         trainer.evaluate()
     selection.restore()
@@ -379,32 +410,15 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
             save_routing_mean(output_dir, model.tasks, dev_mean)
 
     trainer.compute_metrics = None  # dev scoring only; test predictions are scored below
-    routing_report = {"tasks": model.tasks, "mean_weights": {}}
-    per_task = []
-    for task, test in tests.items():
-        logger.info("predicting %s (%d examples)", task, len(test))
-        output = trainer.predict(test)
-        texts = decode(tokenizer, output.predictions)
-        order_in_split = output.label_ids.reshape(-1)
-        references = [test[int(i)]["target"] for i in order_in_split]
-        scores = compute_metrics(texts, references)
-        per_task.append(scores)
-        results[f"predict_exact_match_for_{task}"] = scores["exact_match"]
-        results[f"predict_eval_rougeL_for_{task}"] = scores["rougeL"]
-        if trainer.is_world_process_zero():
-            records = [
-                {"index": int(i), "target": ref, "prediction": text}
-                for i, ref, text in zip(order_in_split, references, texts)
-            ]
-            write_jsonl_atomic(output_dir / "predictions" / f"{task}.jsonl", records)
-        if model.router is not None:
-            routing_report["mean_weights"][task] = mean_routing(model, test, generation_collator, eval_batch)
-    results["predict_exact_match"] = round(sum(s["exact_match"] for s in per_task) / len(per_task), 4)
-    results["predict_eval_rougeL"] = round(sum(s["rougeL"] for s in per_task) / len(per_task), 4)
+    predictions = predict_tests(trainer, model, tokenizer, tests)
+    results.update(predictions.results)
 
     if trainer.is_world_process_zero():
+        write_predictions(output_dir, predictions.records)
         if model.router is not None:
-            write_json_atomic(output_dir / "routing_weights.json", routing_report)
+            write_json_atomic(
+                output_dir / ROUTING_FILE, {"tasks": model.tasks, "mean_weights": predictions.mean_routing}
+            )
         write_json_atomic(output_dir / "all_results.json", results)
         write_json_atomic(output_dir / "train_results.json", train_result.metrics)
         write_json_atomic(output_dir / TASK_ARGS_FILE, task_args_record(args, training_args))

@@ -8,11 +8,13 @@ import logging
 import random
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
@@ -29,7 +31,22 @@ SELECTION_FILE = "selection.json"
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class StepPosition:
+    """Where a training micro-batch sits: its optimizer step, its place among the step's micro-batches,
+    and its process. Terms that draw their own data (ARM) use it to take their share of the step."""
+
+    step: int
+    micro_batch: int
+    accumulation_steps: int
+    rank: int
+    world_size: int
+
+
 class SaptTrainer(Trainer):
+    """The stock Trainer with weighted extra loss terms, each called as term(model, StepPosition)."""
+
+
     def __init__(
         self,
         *args,
@@ -38,15 +55,22 @@ class SaptTrainer(Trainer):
         router_learning_rate: float | None = None,
         generation_kwargs: dict | None = None,
         checkpoint_parts: list = (),
+        release=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        # Release-exact training (sapt.release_exact.ReleaseTraining): its micro-batch stream, its
+        # cross-entropy and its per-backward optimizer stepping; None trains the method as described.
+        self.release = release
         self.generation_collator = generation_collator
         self.regularizers = [(weight, term) for weight, term in regularizers if weight]
         self.router_learning_rate = router_learning_rate
+        self._micro_batch = (-1, 0)  # (optimizer step, micro-batches seen in it)
         self.generation_kwargs = generation_kwargs or {}
         # Objects with save(dir)/load(dir) whose state must survive a resume (model selection, ARM position).
         self.checkpoint_parts = list(checkpoint_parts)
+        if self._stepping is not None:
+            self.checkpoint_parts.append(self._stepping)  # its micro-step counter survives a resume
         # Makes the Trainer count the label tokens of each optimizer step (compute_loss uses the count);
         # the model itself is never given that count.
         self.model_accepts_loss_kwargs = True
@@ -69,20 +93,59 @@ class SaptTrainer(Trainer):
         outputs = model(**inputs)
         loss = outputs.loss  # mean over this micro-batch's label tokens
         steps = self.current_gradient_accumulation_steps if model.training else 1
-        if num_items_in_batch is not None and model.training:
+        if model.training and self.release is not None and self.release.ce_groups is not None:
+            loss = self.release.cross_entropy(outputs, inputs["labels"]) / self.args.gradient_accumulation_steps
+        elif num_items_in_batch is not None and model.training:
             local_tokens = inputs["labels"].ne(IGNORE_INDEX).sum()
             loss = loss * local_tokens / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
         else:
             loss = loss / steps
-        if model.training:
+        if model.training and self.regularizers and self._stepping is None:  # stepping backpropagates each
             sapt_model = self.accelerator.unwrap_model(model)
+            position = self._next_position()
             for weight, term in self.regularizers:
-                loss = loss + weight * term(sapt_model) / steps
+                value = term(sapt_model, position)
+                if value is not None:  # None: inactive here (the release's ARM skips the first step)
+                    loss = loss + weight * value / steps
         return (loss, outputs) if return_outputs else loss
 
+    @property
+    def _stepping(self):
+        return None if self.release is None else self.release.stepping
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._stepping is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self._stepping.training_step(self, model, inputs, num_items_in_batch)
+
+    def get_train_dataloader(self):
+        """The release's stream of micro-batches when release-exact training gives one (sapt.release_exact)."""
+        if self.release is None or self.release.train_batches is None:
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=self.release.train_batches, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def _next_position(self) -> StepPosition:
+        step, seen = self._micro_batch
+        micro = seen if step == self.state.global_step else 0
+        self._micro_batch = (self.state.global_step, micro + 1)
+        return StepPosition(
+            step=self.state.global_step, micro_batch=micro, accumulation_steps=self.args.gradient_accumulation_steps,
+            rank=self.args.process_index, world_size=self.args.world_size,
+        )
+
     def create_optimizer(self, model=None):
+        optimizer = self._create_grouped_optimizer(model)
+        if self._stepping is not None:  # the Trainer's own once-per-step optimizer.step() does nothing
+            self.optimizer = self._stepping.take_over(optimizer)
+        return self.optimizer
+
+    def _create_grouped_optimizer(self, model=None):
         if self.router_learning_rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model

@@ -29,10 +29,10 @@ from .checkpoint import (
     load_routing_mean,
     read_lineage,
 )
+from .cl_metrics import COMPLETE_FILE
 from .config import default_target_modules
 from .data import BENCHMARKS, DataError, carve_dev, find_task, load_pseudo_split, load_split
 
-COMPLETE_FILE = "task_complete.json"  # written last by a finished task (sapt.train_task)
 
 
 class UsageError(ValueError):
@@ -357,5 +357,8 @@ def validate_task_inputs(args, training_args, task_plan) -> None:
     config = _backbone_config(args.model_name_or_path)
     model_type, hidden = _backbone_signature(config)
     _check_backbone_fits(args.model_name_or_path, config, args.target_modules)
+    from .release_exact import check_release_arguments  # it imports UsageError from here
+
+    check_release_arguments(args, training_args, bool(config.is_encoder_decoder))
     earlier_dirs = _check_previous(args, task_plan, model_type, hidden, training_args.output_dir)
     _check_reflection(args, task_plan, earlier_dirs, training_args.seed)
