@@ -3,10 +3,20 @@
 
     python score.py RUN [SINGLE_RUN] [--root logs_and_outputs] [--metric auto|rougeL|exact_match]
                     [--results_dir results] [--compare RUN ...]
+    python score.py --aggregate 'RUN_seed*' [--single SINGLE_RUN]
+    python score.py --compare 'sapt_seed*' 'seq_lora_seed*' [--single SINGLE_RUN]
 
 A thin front over ``sapt.cl_metrics``: prints the score matrix and the metrics, and writes
 ``<results_dir>/<run>.txt``, ``<run>.json``, ``<run>_matrix.png`` (and ``<run>_routing.png`` when the
-last task folder holds ``routing_weights.json``). ``--compare`` prints one summary row per run instead.
+last task folder holds ``routing_weights.json``), with the routing accuracy (``sapt.routing_analysis``; a
+figure ``<run>_routing_accuracy.png`` when the predictions store per-input routing, else "not stored").
+Outputs of ``python -m sapt.evaluate`` are named by their run and routing in every table.
+``--compare`` prints one summary row per run instead;
+given groups (a quoted glob pattern or a comma-separated list per argument) it prints each group's mean
+± std and Welch's t test of each group's AP against the first group's. ``--aggregate`` (``sapt.aggregate``)
+prints mean, std and 95% confidence interval of every metric over the seeds of one experiment and
+writes ``<results_dir>/<name>_aggregate.{txt,json}``. Every table carries its conditions line
+(protocol, metric, model, read from the task folders).
 Any error is one line ``score.py: error: ...`` on stderr with exit code 2, and no output file is touched.
 """
 
@@ -25,10 +35,27 @@ from pathlib import Path
 
 import numpy as np
 
+from sapt.aggregate import (
+    COMPARABLE_KEYS,
+    SingleReference,
+    aggregate_record,
+    check_agreement,
+    check_distinct,
+    compare_record,
+    conditions_line,
+    expand_runs,
+    format_aggregate,
+    format_compare,
+    group_name,
+    is_group_spec,
+    read_conditions,
+    read_group,
+)
 from sapt.cl_metrics import (
     KEY_PREFIX,
     METRICS,
     RELEASE_FWT_CONSTANT,
+    ROUTING_FILE,
     ScoreError,
     align_single_scores,
     is_superni_task,
@@ -38,9 +65,9 @@ from sapt.cl_metrics import (
     read_task_order,
     summarize,
 )
+from sapt.routing_analysis import NOT_STORED, evaluation_name, routing_accuracy, routing_description
 
 PROG = "score.py"
-ROUTING_FILE = "routing_weights.json"
 logger = logging.getLogger(PROG)
 
 
@@ -61,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="logs_and_outputs", help="where run names are looked up")
     p.add_argument("--metric", default="auto", choices=METRICS, help="auto: ROUGE-L for SuperNI, EM otherwise")
     p.add_argument("--results_dir", default="results", help="where the report files are written")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="print one summary row per run (RUN first)")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="one summary row per run (RUN first); with groups ('sapt_seed*' or a,b,c: one group each), "
+                        "mean ± std per group and Welch's t test of each group's AP against the first's")
+    p.add_argument("--aggregate", nargs="+", metavar="RUN",
+                   help="runs (names, quoted glob patterns) of one experiment over seeds: mean, std, 95%% CI of each metric")
+    p.add_argument("--single", default=None, metavar="SINGLE_RUN",
+                   help="single-task run for FWT with --aggregate or compared groups (the positional SINGLE_RUN also works)")
     return p
 
 
@@ -134,10 +167,13 @@ def format_report(
     summary: dict,
     single_name: str | None,
     warnings: list[str],
+    conditions: dict | None = None,
 ) -> str:
     t = summary["T"]
     undefined = "n/a (undefined for T=1)"
     lines = [f"run: {run}", f"outputs: {outputs}", f"metric: {metric_name}", f"tasks scored: {t}"]
+    if conditions is not None:
+        lines.insert(2, conditions_line(conditions))
     lines += [f"warning: {w}" for w in warnings]
     lines += ["", "score matrix (row: after training task i; column: task evaluated)"]
     lines += format_matrix(tasks, matrix)
@@ -152,6 +188,32 @@ def format_report(
         f"fwt_release = {_fmt(summary['fwt_release'])}  (mean_j (a_j,j - {RELEASE_FWT_CONSTANT}), the release's constant)",
     ]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routing: accuracy of a run's router, and the routing a re-evaluation used (sapt.evaluate)
+
+
+def add_routing_sections(text: str, tasks: list[str], accuracy: np.ndarray | None, description: str | None) -> str:
+    """The report with the replaced routing named under its first line, and routing accuracy at the end."""
+    first, rest = text.split("\n", 1)
+    head = f"{first}\nrouting: {description}\n" if description else f"{first}\n"
+    if accuracy is None:
+        return f"{head}{rest}\n{NOT_STORED}\n"
+    lines = ["", "routing accuracy (% of task j's test inputs whose largest routing weight is on block j)"]
+    return head + rest + "\n".join(lines + format_matrix(tasks, accuracy)) + "\n"
+
+
+def routing_record(accuracy: np.ndarray | None, description: str | None) -> dict:
+    stored = {"stored": False} if accuracy is None else {
+        "stored": True, "matrix": [[_json_number(float(v)) for v in row] for row in accuracy],
+    }
+    return {"routing": description, "routing_accuracy": stored}
+
+
+def labelled_name(name: str, outputs: Path) -> str:
+    """A re-evaluation's row is named by its run and its routing (the oracle's says it reads the task id)."""
+    return evaluation_name(outputs) or name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,13 +317,17 @@ def score_run(args) -> None:
         single_map = read_single_run(single_outputs, args.metric, warnings_out=warnings)
         single_scores = align_single_scores(tasks, single_map, single_outputs)
     summary = summarize(matrix, single_scores)
+    conditions = read_conditions(outputs, tasks, metric_name)
 
-    text = format_report(run_name, outputs, tasks, matrix, metric_name, summary, single_name, warnings)
+    text = format_report(run_name, outputs, tasks, matrix, metric_name, summary, single_name, warnings, conditions)
+    accuracy, description = routing_accuracy(outputs, tasks), routing_description(outputs)
+    text = add_routing_sections(text, tasks, accuracy, description)
     labels = abbreviate(tasks)
     record = {
         "run": run_name,
         "outputs_dir": str(outputs),
         "metric": metric_name,
+        "conditions": conditions,
         "metric_keys": {t: KEY_PREFIX[metric_for_task(t, args.metric)] + t for t in tasks},
         "task_names": tasks,
         "task_order": order,
@@ -277,6 +343,7 @@ def score_run(args) -> None:
             "fwt_release_constant": RELEASE_FWT_CONSTANT,
         },
         "warnings": warnings,
+        **routing_record(accuracy, description),
     }
 
     results = Path(args.results_dir)
@@ -298,9 +365,17 @@ def score_run(args) -> None:
             f"{run_name}: mean routing weight (rows: eval task, columns: block)", vmax, "mean weight",
         )
 
+    accuracy_png = results / f"{run_name}_routing_accuracy.png"
+    if accuracy is not None:
+        files[accuracy_png] = render_heatmap(
+            accuracy, [f"after task {i}" for i in range(1, len(tasks) + 1)], labels,
+            f"{run_name}: routing accuracy (% of task j's inputs routed to block j)", 100.0, "routing accuracy (%)",
+        )
+
     write_files_atomic(files)
-    if routing_png not in files and routing_png.exists():
-        routing_png.unlink()  # a stale figure from an earlier scoring of this run would mislead
+    for figure in (routing_png, accuracy_png):
+        if figure not in files and figure.exists():
+            figure.unlink()  # a stale figure from an earlier scoring of this run would mislead
     sys.stdout.write(text)
     logger.info("wrote %s", ", ".join(str(p) for p in files))
 
@@ -312,10 +387,12 @@ def compare_runs(args) -> None:
         _, single_outputs = resolve_run(args.single_run, args.root)
         single_map = read_single_run(single_outputs, args.metric)
 
-    rows = []
+    rows, conditions = [], []
     for run in runs:
         name, outputs = resolve_run(run, args.root)
+        name = labelled_name(name, outputs)
         tasks, matrix, metric_name = read_run(outputs, args.metric)
+        conditions.append((name, read_conditions(outputs, tasks, metric_name)))
         single = None
         if single_map is not None:
             try:
@@ -332,6 +409,59 @@ def compare_runs(args) -> None:
     for r in [header, *rows]:
         cells = [r[0].ljust(widths[0]), r[1].ljust(widths[1])] + [v.rjust(w) for v, w in zip(r[2:], widths[2:])]
         print("  ".join(cells).rstrip())
+    print_conditions(conditions)
+
+
+def print_conditions(conditions: list[tuple[str, dict]]) -> None:
+    """Under a table of runs: one conditions line when all runs share them, else one line per run."""
+    lines = [conditions_line(c) for _, c in conditions]
+    if len(set(lines)) == 1:
+        print(lines[0])
+    else:
+        for (name, _), line in zip(conditions, lines):
+            print(f"{name}: {line}")
+
+
+def single_reference(args) -> SingleReference | None:
+    """The single-task run FWT is measured against, for --aggregate and compared groups."""
+    if args.single_run is None:
+        return None
+    name, outputs = resolve_run(args.single_run, args.root)
+    return SingleReference(name, outputs, read_single_run(outputs, args.metric))
+
+
+def read_named_group(names: list[str], args, single: SingleReference | None):
+    return read_group([resolve_run(name, args.root) for name in names], args.metric, single)
+
+
+def aggregate_runs(args) -> None:
+    """--aggregate: mean, std and confidence interval of each metric over the runs; text and JSON."""
+    specs = ([args.run] if args.run is not None else []) + list(args.aggregate)
+    names = [run for spec in specs for run in expand_runs(spec, args.root)]
+    check_distinct(names)
+    single = single_reference(args)
+    record = aggregate_record(read_named_group(names, args, single), single)
+    text = format_aggregate(record)
+    results, stem = Path(args.results_dir), f"{_safe_name(group_name(names))}_aggregate"
+    files = {
+        results / f"{stem}.txt": text.encode("utf-8"),
+        results / f"{stem}.json": (json.dumps(record, indent=2) + "\n").encode("utf-8"),
+    }
+    write_files_atomic(files)
+    sys.stdout.write(text)
+    logger.info("wrote %s", ", ".join(str(p) for p in files))
+
+
+def compare_groups(args, specs: list[str]) -> None:
+    """--compare with groups: each group's statistics and Welch's test of its AP against the first group's."""
+    if len(specs) < 2:
+        raise UsageError("--compare with a group needs at least two groups (one argument each: 'sapt_seed*' or a,b,c)")
+    members = [expand_runs(spec, args.root) for spec in specs]
+    check_distinct([name for names in members for name in names])
+    single = single_reference(args)
+    groups = [read_named_group(names, args, single) for names in members]
+    check_agreement([group[0] for group in groups], COMPARABLE_KEYS, "compared groups")
+    sys.stdout.write(format_compare(compare_record(specs, groups, single)))
 
 
 class _Formatter(logging.Formatter):
@@ -346,10 +476,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         args = build_parser().parse_args(argv)
-        if args.compare:
+        if args.single is not None:
+            if args.single_run is not None:
+                raise UsageError("name the single-task run once: SINGLE_RUN or --single")
+            args.single_run = args.single
+        if args.aggregate and args.compare:
+            raise UsageError("--aggregate and --compare do not go together")
+        specs = ([args.run] if args.run is not None else []) + list(args.compare or [])
+        if args.aggregate:
+            aggregate_runs(args)
+        elif args.compare and any(is_group_spec(spec) for spec in specs):
+            compare_groups(args, specs)
+        elif args.compare:
             compare_runs(args)
         elif args.run is None:
-            raise UsageError("the following arguments are required: RUN (or --compare RUN ...)")
+            raise UsageError("the following arguments are required: RUN (or --compare RUN ..., or --aggregate RUN ...)")
         else:
             score_run(args)
     except (UsageError, ScoreError, OSError) as exc:

@@ -49,7 +49,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from sapt.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
+from sapt.cl_metrics import ROUTING_FILE, read_run, read_single_run, summarize  # noqa: E402
 from sapt.pipeline import main as write_pipeline, parse_set  # noqa: E402
 
 PRESET = "long_llama"
@@ -155,7 +155,7 @@ def run_method(method: str, args, settings: dict, workdir: Path) -> float:
 
 def routing_matrix(outputs: Path, tasks: list[str]) -> list[list[float]] | None:
     """Rows: each task's test inputs; columns: the mean weight on each block, after the last task."""
-    last = outputs / f"{len(tasks)}-{tasks[-1]}" / "routing_weights.json"
+    last = outputs / f"{len(tasks)}-{tasks[-1]}" / ROUTING_FILE
     if not last.is_file():
         return None
     report = json.loads(last.read_text())

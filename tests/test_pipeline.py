@@ -1,6 +1,7 @@
 """Generators write pipelines that parse; quick pipelines run end to end and continue after a stop."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-from conftest import REPO_ROOT, SHARED, requires_benchmark
+from conftest import BENCHMARK, GENERATED, REPO_ROOT
 from sapt.config import METHODS
 from sapt.pipeline import main as pipeline_main
 from sapt.train_task import RELEASE_DEFAULTS, SaptArguments
@@ -75,7 +76,7 @@ def test_invalid_generator_arguments_exit_2():
 def quick_pipeline(tmp_path, preset, *extra):
     script = generate(
         preset, "--quick", "--workdir", str(tmp_path), "--output", str(tmp_path / "quick.sh"),
-        "--data_dir", str(SHARED / "CL_Benchmark"), "--gen_data_root", str(SHARED / "generated_data"),
+        "--data_dir", str(BENCHMARK), "--gen_data_root", str(GENERATED),
         "--run_name", "quick", "--set", "num_train_epochs=1", "--set", "max_train_samples=16", *extra,
     )
     return script
@@ -88,7 +89,6 @@ def run_pipeline(script, cwd):
     return done.stdout
 
 
-@requires_benchmark()
 @pytest.mark.parametrize("preset", ["superni_t5", "long_llama"])
 def test_quick_pipeline_runs_end_to_end_and_continues_after_a_stop(tmp_path, preset):
     script = quick_pipeline(tmp_path, preset)
@@ -177,3 +177,119 @@ def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_p
     assert first_config()["per_device_eval_batch_size"] == 32  # the preset's 16, doubled
     assert first_config("--set", "per_device_train_batch_size=4")["per_device_eval_batch_size"] == 8
     assert first_config("--set", "per_device_eval_batch_size=3")["per_device_eval_batch_size"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# --seeds: the experiment once per seed in one pipeline
+
+
+def own_order_args(tmp_path, *extra, output="p.sh"):
+    for task in ("a_task", "c_task"):
+        (tmp_path / "data" / "Long_Sequence" / task).mkdir(parents=True, exist_ok=True)
+    return ["--quick", "--tasks", "c_task,a_task", "--model_name_or_path", "models/x", "--data_dir", "data",
+            "--workdir", str(tmp_path), "--output", str(tmp_path / output), *extra]
+
+
+def test_default_pipeline_is_unchanged_by_seeds_support(tmp_path, capsys):
+    """Without --seeds the pipeline is byte for byte what the generator wrote before --seeds existed."""
+    script = generate_in_process("long_llama", *own_order_args(tmp_path, "--single_run", "alone"), capsys=capsys)
+    expected = f"""#!/usr/bin/env bash
+# sapt on Long_Sequence / llama, order custom (2 tasks), quick mode
+# Written by gen_script_long_llama.py. Run it again to continue where it stopped:
+# tasks whose folder holds task_complete.json are skipped.
+set -euo pipefail
+cd {tmp_path}
+RUN=sapt_long_llama_tasks_quick
+CONFIGS={tmp_path}/p
+LAUNCH=${{SAPT_LAUNCH:-'python -m sapt.train_task'}}
+
+STEPS=(1-c_task 2-a_task)
+for STEP in "${{STEPS[@]}}"; do
+  OUT="logs_and_outputs/$RUN/outputs/$STEP"
+  if [ -f "$OUT/task_complete.json" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi
+  echo "[pipeline] $STEP: training"
+  $LAUNCH "$CONFIGS/$STEP.json"
+done
+
+python {REPO_ROOT}/score.py "$RUN" alone
+"""
+    assert open(script).read() == expected
+    config = json.loads((tmp_path / "p" / "2-a_task.json").read_text())
+    assert config["seed"] == 42 and config["output_dir"] == "logs_and_outputs/sapt_long_llama_tasks_quick/outputs/2-a_task"
+
+
+def test_seeds_pipeline_runs_each_seed_as_its_own_run(tmp_path, capsys):
+    script = generate_in_process("long_llama", *own_order_args(tmp_path, "--seeds", "3,1", "--single_run", "alone"),
+                                 capsys=capsys)
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = open(script).read()
+    base = "sapt_long_llama_tasks_quick"
+    assert text.index(f"RUN={base}_seed3") < text.index(f"RUN={base}_seed1")  # in the order given
+    assert text.count('$LAUNCH "$CONFIGS/$STEP.json"') == 2 and text.count(f"score.py \"$RUN\" alone") == 2
+    assert text.rstrip().endswith(f"score.py --aggregate {base}_seed3 {base}_seed1 --single alone")
+    parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
+    for seed in (3, 1):
+        configs = sorted((tmp_path / "p" / f"seed{seed}").glob("*.json"))
+        assert [p.name for p in configs] == ["1-c_task.json", "2-a_task.json"]
+        for path in configs:
+            config = json.loads(path.read_text())
+            assert config["seed"] == seed and config["output_dir"].startswith(f"logs_and_outputs/{base}_seed{seed}/outputs/")
+            _, training_args = parser.parse_dict({**RELEASE_DEFAULTS, **config})
+            assert training_args.seed == seed
+        # Each seed's configs are exactly what one run with that seed and that name gets.
+        generate_in_process("long_llama", *own_order_args(tmp_path, "--seed", str(seed), "--run_name", f"{base}_seed{seed}",
+                                                          output=f"one{seed}.sh"), capsys=capsys)
+        assert [json.loads(p.read_text()) for p in configs] == [
+            json.loads(p.read_text()) for p in sorted((tmp_path / f"one{seed}").glob("*.json"))
+        ]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "1,1"], "--seeds repeats 1"), (["--seeds", "1,x"], "--seeds expects non-negative integers"),
+    (["--seeds", "1,2", "--seed", "3"], "not both"), (["--seeds", "1,2", "--set", "seed=3"], "not both"),
+])
+def test_bad_seeds_are_one_line_errors(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as stop:
+        pipeline_main("long_t5", [*extra, "--output", str(tmp_path / "p.sh")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.sh").exists()
+
+
+FAKE_TRAIN_TASK = """
+import json, sys
+from pathlib import Path
+config = json.loads(Path(sys.argv[1]).read_text())
+out = Path(config["output_dir"])
+tasks = config["task_order"].split(",")
+i = tasks.index(config["task"]) + 1
+if config["seed"] == 3 and i == 2 and Path("stop_here").exists():
+    sys.exit("stopped")  # an interruption in the middle of the first seed
+out.mkdir(parents=True)
+(out.parent / "task_order.txt").write_text(config["task_order"])
+scores = {"predict_exact_match_for_" + t: 50.0 + config["seed"] * (j + 1) - 10.0 * (i - 1 - j) for j, t in enumerate(tasks[:i])}
+(out / "all_results.json").write_text(json.dumps(scores))
+(out / "task_args.json").write_text(json.dumps(config))
+(out / "task_complete.json").write_text("{}")
+"""
+
+
+def test_seeds_pipeline_continues_after_a_stop_and_aggregates(tmp_path, capsys):
+    """Task steps replaced by a stand-in that writes results: the pipeline's own control flow, resume, scoring."""
+    script = generate_in_process("long_llama", *own_order_args(tmp_path, "--seeds", "3,1"), capsys=capsys)
+    (tmp_path / "fake_train_task.py").write_text(FAKE_TRAIN_TASK)
+    env = {**os.environ, "SAPT_LAUNCH": f"{sys.executable} {tmp_path / 'fake_train_task.py'}"}
+    (tmp_path / "stop_here").write_text("")
+    stopped = subprocess.run(["bash", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert stopped.returncode != 0 and "stopped" in stopped.stderr
+    (tmp_path / "stop_here").unlink()
+    log = subprocess.run(["bash", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert log.returncode == 0, log.stderr[-2000:]
+    assert log.stdout.count(": complete, skipped") == 1 and log.stdout.count(": training") == 3
+    assert "[pipeline] 1-c_task: complete, skipped" in log.stdout.splitlines()[0]
+    record = json.loads((tmp_path / "results" / "sapt_long_llama_tasks_quick_aggregate.json").read_text())
+    # AP after task 2 of seed s: ((50 + s - 10) + (50 + 2 s)) / 2 = 45 + 1.5 s: 49.5 (seed 3) and 46.5 (seed 1).
+    assert [r["metrics"]["AP"] for r in record["runs"]] == [49.5, 46.5] and [r["seed"] for r in record["runs"]] == [3, 1]
+    assert record["statistics"]["AP"]["mean"] == 48.0
+    assert record["statistics"]["AP"]["std"] == pytest.approx(math.sqrt(2 * 1.5**2), rel=1e-12)
+    assert record["conditions"] == {"protocol": "paper", "metric": "exact_match", "model": "models/x"}

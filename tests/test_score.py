@@ -186,3 +186,65 @@ def test_bad_routing_file_fails_without_partial_output(tmp_path, root, capsys):
     err = capsys.readouterr().err
     assert err.startswith("score.py: error: ") and "routing_weights.json" in err and len(err.splitlines()) == 1
     assert not results.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditions: protocol, metric and model name every table and JSON record
+
+
+def _write_task_json(outputs: Path, name: str, per_folder: dict) -> None:
+    for folder, data in per_folder.items():
+        (outputs / folder / name).write_text(json.dumps(data))
+
+
+def test_conditions_line_in_text_and_json(tmp_path, root, capsys):
+    outputs = root / "seq" / "outputs"
+    folders = [f"{i}-{t}" for i, t in enumerate(SUPERNI, start=1)]
+    args = {"protocol": "clean", "model_name_or_path": "models/t5-small", "seed": 7}
+    _write_task_json(outputs, "task_args.json", {f: args for f in folders})
+    # sapt_config.json names another path: task_args.json, what the step ran with, takes precedence.
+    _write_task_json(outputs, "sapt_config.json", {f: {"base_model_name_or_path": "/elsewhere/t5"} for f in folders})
+    results = tmp_path / "results"
+    assert cli.main(["seq", "--root", str(root), "--results_dir", str(results)]) == 0
+    line = "protocol: clean; metric: rougeL; model: models/t5-small"
+    assert line in capsys.readouterr().out.splitlines()
+    record = json.loads((results / "seq.json").read_text())
+    assert record["conditions"] == {"protocol": "clean", "metric": "rougeL", "model": "models/t5-small"}
+
+
+def test_conditions_of_older_and_mixed_folders(tmp_path, root, capsys):
+    """No task_args.json: protocol unknown (not guessed), model from sapt_config.json; disagreeing folders: mixed."""
+    outputs = root / "seq" / "outputs"
+    folders = [f"{i}-{t}" for i, t in enumerate(SUPERNI, start=1)]
+    _write_task_json(outputs, "sapt_config.json", {f: {"base_model_name_or_path": "/m/t5-large"} for f in folders})
+    results = tmp_path / "results"
+    assert cli.main(["seq", "--root", str(root), "--results_dir", str(results)]) == 0
+    assert "protocol: unknown (no task_args.json); metric: rougeL; model: /m/t5-large" in capsys.readouterr().out
+    assert json.loads((results / "seq.json").read_text())["conditions"]["protocol"] == "unknown (no task_args.json)"
+
+    _write_task_json(outputs, "task_args.json", {folders[2]: {"protocol": "paper", "model_name_or_path": "/m/t5-large"}})
+    assert cli.main(["seq", "--root", str(root), "--results_dir", str(results)]) == 0
+    expected = (f"protocol: mixed (unknown (no task_args.json) in {folders[0]}, {folders[1]}; paper in {folders[2]}); "
+                "metric: rougeL; model: /m/t5-large")
+    assert expected in capsys.readouterr().out.splitlines()
+
+    # A malformed task_args.json is a one-line error naming it, and no report is written.
+    (outputs / folders[0] / "task_args.json").write_text("[1, 2")
+    assert cli.main(["seq", "--root", str(root), "--results_dir", str(tmp_path / "fresh")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("score.py: error: ")
+    assert str(outputs / folders[0] / "task_args.json") in err and "malformed JSON" in err
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_compare_names_the_conditions(tmp_path, root, capsys):
+    outputs = make_run(root / "other" / "outputs", SUPERNI[:2], [[70.0], [65.0, 60.0]])
+    assert cli.main(["--root", str(root), "--compare", "seq", "other"]) == 0
+    unknown = "protocol: unknown (no task_args.json); metric: rougeL; model: unknown (no task_args.json or sapt_config.json)"
+    assert capsys.readouterr().out.splitlines()[-1] == unknown  # shared by both runs: said once
+    args = {"protocol": "paper", "model_name_or_path": "m"}
+    _write_task_json(outputs, "task_args.json", {f"{i}-{t}": args for i, t in enumerate(SUPERNI[:2], start=1)})
+    assert cli.main(["--root", str(root), "--compare", "seq", "other"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == [
+f"seq: {unknown}", "other: protocol: paper; metric: rougeL; model: m"]
