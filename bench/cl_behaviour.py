@@ -3,7 +3,7 @@
     python bench/cl_behaviour.py [--seeds 3] [--methods sapt,seq_lora,o_lora] [--smoke]
                                  [--workdir DIR] [--json OUT]
 
-What runs: the seeded synthetic benchmark (`sapt.prepare_data.write_synthetic_benchmark`, seed 0) is
+What runs: the seeded synthetic benchmark (`sapt.synthetic.write_synthetic_benchmark`, seed 0) is
 written into the work directory, and the first --tasks (default 3) of its Long_Sequence tasks are
 learned in the order synth_animal -> synth_topic -> synth_yesno -> synth_sentiment (label sets
 cat/cow/dog/duck, food/music/sports/travel, yes/no, negative/positive). One tiny T5 backbone is built once with
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sapt import cl_metrics
-    from sapt.prepare_data import write_synthetic_benchmark
+    from sapt.synthetic import write_synthetic_benchmark
 
     quiet = not args.verbose
     if quiet:

@@ -1,4 +1,4 @@
-"""Pseudo samples for generative replay (SPEC 5): a thin front for `sapt.pseudo_data`.
+"""Pseudo samples for generative replay (SPEC 5): a thin front for `python -m sapt.pseudo_data`.
 
     python scripts/generate_pseudo_data.py --model_name_or_path DIR --data_dir CL_Benchmark \
         --tasks t1,t2 --out generated_data/lora_gen_superni_t5 [--steps 5000 --batch_size 16 \
@@ -7,9 +7,7 @@
 
 import sys
 
-from sapt.logs import setup_cli_logging
-from sapt.pseudo_data import main
+from sapt.pseudo_data import cli
 
 if __name__ == "__main__":
-    setup_cli_logging()
-    sys.exit(main())
+    sys.exit(cli())

@@ -22,7 +22,7 @@ def _data_root() -> Path:
     integration tests run on a machine that has only the repo."""
     if RELEASE_FOUND:
         return SHARED
-    from sapt.prepare_data import write_synthetic_benchmark
+    from sapt.synthetic import write_synthetic_benchmark
 
     root = REPO_ROOT / ".cache" / "synthetic_benchmark"
     write_synthetic_benchmark(root)  # leaves identical files untouched: cheap, safe to repeat
@@ -36,7 +36,7 @@ if RELEASE_FOUND:  # two tasks of each benchmark that the integration tests trai
     SUPERNI_TASKS = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
     LONG_TASKS = ["sst2", "agnews"]
 else:
-    from sapt.prepare_data import SYNTHETIC_ORDERS
+    from sapt.synthetic import SYNTHETIC_ORDERS
 
     SUPERNI_TASKS = SYNTHETIC_ORDERS["SuperNI"][:2]
     LONG_TASKS = SYNTHETIC_ORDERS["Long_Sequence"][:2]

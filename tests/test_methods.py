@@ -11,7 +11,9 @@ from conftest import BENCHMARK, GENERATED, SUPERNI_TASKS, make_sapt, sample_batc
 from sapt.baselines import l2_loss, orthogonality_loss, replay_memory, union
 from sapt.checkpoint import load_checkpoint
 from sapt.data import load_split
-from sapt.train_task import SaptArguments, load_training_data, main, plan, training_terms
+from sapt.task_args import SaptArguments, plan
+from sapt.task_data import load_training_data
+from sapt.train_task import main, training_terms
 from sapt.trainer import SaptTrainer
 
 TASKS = SUPERNI_TASKS

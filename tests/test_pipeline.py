@@ -5,15 +5,17 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
+import sapt
 from conftest import BENCHMARK, GENERATED, REPO_ROOT
 from sapt.config import METHODS
 from sapt.pipeline import main as pipeline_main
-from sapt.train_task import RELEASE_DEFAULTS, SaptArguments
+from sapt.task_args import RELEASE_DEFAULTS, SaptArguments
 
 GENERATORS = ["superni_t5", "long_t5", "superni_llama", "long_llama"]
 
@@ -62,7 +64,10 @@ def test_paper_presets_carry_the_release_hyper_parameters(tmp_path):
     assert first["learning_rate"] == 3e-4 and first["num_train_epochs"] == 10 and first["bf16"] is True
     generate("superni_llama", "--output", str(tmp_path / "l.sh"), "--deepspeed", "zero2")
     config = json.loads(sorted((tmp_path / "l").glob("1-*.json"))[0].read_text())
-    assert config["deepspeed"] == str(REPO_ROOT / "configs" / "ds_configs" / "zero2.json") and config["kl_ratio"] == 1.0
+    # The package's own file, absolute (the pipeline runs elsewhere); the checkout's configs/ links to it.
+    packaged = Path(sapt.__file__).parent / "configs" / "ds_configs" / "zero2.json"
+    assert config["deepspeed"] == str(packaged) and packaged.is_file() and config["kl_ratio"] == 1.0
+    assert (REPO_ROOT / "configs" / "ds_configs" / "zero2.json").resolve() == packaged.resolve()
     assert config["save_strategy"] == "no"  # DeepSpeed's engine checkpoints are pickles: not written
     assert "torchrun --nproc_per_node 4" in (tmp_path / "l.sh").read_text()
 
@@ -169,6 +174,33 @@ def test_own_task_list_errors_are_one_line(tmp_path, value, message):
     assert not (tmp_path / "p.sh").exists()
 
 
+def test_relative_paths_are_read_and_written_under_the_workdir(tmp_path, capsys, monkeypatch):
+    """No --workdir: the current directory. A relative --workdir is taken from there; a relative --output,
+    --data_dir and the default pipeline path from the workdir. Nothing names the package's checkout."""
+    monkeypatch.chdir(tmp_path)
+    for task in ("a_task", "c_task"):
+        (tmp_path / "data" / "Long_Sequence" / task).mkdir(parents=True)
+    script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,c_task", "--data_dir", "data",
+                                 "--run_name", "here", "--pseudo_data", "regenerate", capsys=capsys)
+    assert script == str(tmp_path / "scripts" / "generated" / "here.sh")
+    text = open(script).read()
+    assert f"\ncd {tmp_path}\nRUN=here\nCONFIGS={tmp_path}/scripts/generated/here\n" in text
+    pseudo = "python -m sapt.pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out "
+    assert f"\n{pseudo}logs_and_outputs/here/generated_data/" in text  # the installed module, not a script
+    assert text.endswith('\npython -m sapt.score "$RUN"\n') and str(REPO_ROOT) not in text
+    assert json.loads((tmp_path / "scripts" / "generated" / "here" / "1-a_task.json").read_text())["task"] == "a_task"
+
+    # b_task exists only in sub/data: read against the workdir, the check passes; against the cwd it would not.
+    (tmp_path / "sub" / "data" / "Long_Sequence" / "b_task").mkdir(parents=True)
+    script = generate_in_process("long_llama", "--quick", "--tasks", "b_task", "--data_dir", "data",
+                                 "--workdir", "sub", "--output", "p.sh", capsys=capsys)
+    assert script == str(tmp_path / "sub" / "p.sh") and f"\ncd {tmp_path / 'sub'}\n" in open(script).read()
+    assert (tmp_path / "sub" / "p" / "1-b_task.json").is_file()
+    with pytest.raises(SystemExit):  # the same task list, read in the current directory's data/
+        pipeline_main("long_llama", ["--quick", "--tasks", "b_task", "--data_dir", "data"])
+    assert "no task folder named 'b_task'" in capsys.readouterr().err
+
+
 def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_path, capsys):
     def first_config(*extra):
         generate_in_process("long_t5", "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *extra, capsys=capsys)
@@ -211,7 +243,7 @@ for STEP in "${{STEPS[@]}}"; do
   $LAUNCH "$CONFIGS/$STEP.json"
 done
 
-python {REPO_ROOT}/score.py "$RUN" alone
+python -m sapt.score "$RUN" alone
 """
     assert open(script).read() == expected
     config = json.loads((tmp_path / "p" / "2-a_task.json").read_text())
@@ -225,8 +257,8 @@ def test_seeds_pipeline_runs_each_seed_as_its_own_run(tmp_path, capsys):
     text = open(script).read()
     base = "sapt_long_llama_tasks_quick"
     assert text.index(f"RUN={base}_seed3") < text.index(f"RUN={base}_seed1")  # in the order given
-    assert text.count('$LAUNCH "$CONFIGS/$STEP.json"') == 2 and text.count(f"score.py \"$RUN\" alone") == 2
-    assert text.rstrip().endswith(f"score.py --aggregate {base}_seed3 {base}_seed1 --single alone")
+    assert text.count('$LAUNCH "$CONFIGS/$STEP.json"') == 2 and text.count('python -m sapt.score "$RUN" alone') == 2
+    assert text.rstrip().endswith(f"python -m sapt.score --aggregate {base}_seed3 {base}_seed1 --single alone")
     parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
     for seed in (3, 1):
         configs = sorted((tmp_path / "p" / f"seed{seed}").glob("*.json"))

@@ -19,7 +19,7 @@ from sapt.checkpoint import load_checkpoint, load_routing_mean
 from sapt.collators import Collator
 from sapt.data import carve_dev, load_split
 from sapt.pipeline import main as pipeline_main
-from sapt.prepare_data import SYNTHETIC_ORDERS
+from sapt.synthetic import SYNTHETIC_ORDERS
 from sapt.train_task import main as train_task_main
 
 # The first two tasks of the quick long_t5 pipeline (order 4 of the release, or the synthetic order).

@@ -19,8 +19,8 @@ from sapt.prepare_data import (
     load_manifest,
     trainable_tasks,
     verify_tree,
-    write_synthetic_benchmark,
 )
+from sapt.synthetic import write_synthetic_benchmark
 
 # The files ../shared lacks (README of shared/): the release's files of 4 MiB and more.
 KNOWN_MISSING = sorted(

@@ -26,20 +26,19 @@ from sapt.collators import Collator
 from sapt.model import IGNORE_INDEX
 from sapt.pipeline import main as pipeline_main
 from sapt.reflection import AttentiveReflection
-from sapt.release_exact import (
+from sapt.release_exact import ReleaseSwitches, resolve_switches
+from sapt.release_training import (
     ReleaseEvaluation,
     ReleaseMode,
     ReleaseStream,
-    ReleaseSwitches,
     ReleaseTraining,
     ReshuffledPseudoRows,
     release_cross_entropy,
     release_schedule,
-    resolve_switches,
 )
 from sapt.release_stepping import PerBackwardStepping
 from sapt.trainer import KeepBestTrainable, SaptTrainer, StepPosition, trainable_tensors
-from sapt.validation import UsageError
+from sapt.cli import UsageError
 
 LLAMA_PAD, LLAMA_BOS = 3, 1  # the conftest LLaMA's ids
 

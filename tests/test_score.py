@@ -165,6 +165,21 @@ def test_unknown_run_and_bad_flag_exit_2(tmp_path, root):
     assert not (tmp_path / "results").exists()
 
 
+def test_module_and_top_level_script_are_one_command(tmp_path, root):
+    """Pipelines call `python -m sapt.score`, users `python score.py`: same output, same files, byte for byte."""
+    outputs = {}
+    for name, command in (("script", [str(SCORE)]), ("module", ["-m", "sapt.score"])):
+        folder = tmp_path / name
+        folder.mkdir()
+        proc = subprocess.run([sys.executable, *command, "seq", "alone", "--root", str(root)], cwd=folder,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        files = {p.name: p.read_bytes() for p in (folder / "results").iterdir()}
+        outputs[name] = (proc.stdout, files)
+    assert sorted(outputs["module"][1]) == ["seq.json", "seq.txt", "seq_matrix.png"]
+    assert "AP   = " in outputs["module"][0] and outputs["module"] == outputs["script"]
+
+
 def test_compare_prints_both_runs(tmp_path, root):
     make_run(root / "other" / "outputs", SUPERNI[:2], [[70.0], [65.0, 60.0]])
     proc = run_cli(tmp_path, "--root", str(root), "--compare", "seq", "other")

@@ -25,7 +25,7 @@ import numpy as np
 
 from .cl_metrics import TASK_ARGS_FILE, ScoreError, align_single_scores, read_run, summarize
 from .config import CONFIG_NAME
-from .io import read_json
+from .fileio import read_json
 
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05  # p below this: the difference exceeds the seeds' spread

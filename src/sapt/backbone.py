@@ -7,7 +7,6 @@ size, and turning a GGUF file into a standard HuggingFace folder.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import logging
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from .cli import OneLineArgumentParser, first_line, report_error
 
 logger = logging.getLogger("sapt")
 
@@ -73,7 +74,7 @@ def gguf_facts(path: Path) -> dict:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises bare ValueError/struct errors on damaged files
-        raise BackboneError(f"{path}: not a readable GGUF file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise BackboneError(f"{path}: not a readable GGUF file ({first_line(err)})") from None
 
     def field(name):
         found = reader.fields.get(name)
@@ -113,10 +114,6 @@ def convert_gguf(out: str | Path, gguf_file: str | Path | None = None) -> Path:
     loaded from GGUF, so the weights are copied into a fresh model of the same class. The folder is
     built beside `out` and renamed into place: an interrupted conversion leaves nothing half-written.
     A complete folder is left as it is."""
-    from transformers import __version__ as transformers_version
-
-    from .io import write_json_atomic
-
     out = Path(out)
     if is_converted(out):
         logger.info("%s is already converted; nothing to do", out)
@@ -130,13 +127,21 @@ def convert_gguf(out: str | Path, gguf_file: str | Path | None = None) -> Path:
         raise BackboneError(f"--gguf {path}: file does not exist")
     facts = gguf_facts(path)
     logger.info("converting %s (%s, %s)", path, facts["architecture"], facts["quantisation"])
+    model, tokenizer = _load_gguf(path)
+    _write_converted(out, model, tokenizer, path, facts)
+    logger.info("wrote %s", out)
+    return out
+
+
+def _load_gguf(path: Path):
+    """(float32 model, tokenizer) from a GGUF file, the model a fresh one that save_pretrained accepts."""
     try:
         loaded, info = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32, output_loading_info=True
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError) as err:
-        raise BackboneError(f"{path}: transformers cannot read it ({str(err).splitlines()[0][:200]})") from None
+        raise BackboneError(f"{path}: transformers cannot read it ({first_line(err)[:200]})") from None
     # transformers fills a tensor the file lacks with random values and only logs it.
     incomplete = sorted(set(info.get("missing_keys", ())) | {str(k) for k in info.get("mismatched_keys", ())})
     if incomplete:
@@ -145,6 +150,15 @@ def convert_gguf(out: str | Path, gguf_file: str | Path | None = None) -> Path:
     fresh = type(loaded)(loaded.config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
+    return fresh, tokenizer
+
+
+def _write_converted(out: Path, fresh, tokenizer, path: Path, facts: dict) -> None:
+    """Save the converted folder beside `out` with its source record, then rename it into place."""
+    from transformers import __version__ as transformers_version
+
+    from .fileio import write_json_atomic
+
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary one
@@ -167,14 +181,12 @@ def convert_gguf(out: str | Path, gguf_file: str | Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("wrote %s", out)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     from .logs import setup_cli_logging
 
-    parser = argparse.ArgumentParser(prog="python -m sapt.backbone", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m sapt.backbone", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert-gguf", help="write a HuggingFace folder from a GGUF file")
     convert.add_argument("--out", required=True, help="folder to write (e.g. models/smollm2-135m)")
@@ -184,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert_gguf(args.out, args.gguf)
     except BackboneError as err:
-        print(f"sapt.backbone: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("sapt.backbone", err)
     print(args.out)
     return 0
 

@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 from .backbone import load_backbone
 from .cl_metrics import PREDICTIONS_DIR, ROUTING_KEY  # noqa: F401  (run-folder names live with the scorer's)
 from .cl_metrics import TASK_ARGS_FILE  # noqa: F401  (re-exported: a task folder's record)
+from .cli import first_line
 from .config import CONFIG_NAME, SaptConfig
-from .io import read_json, save_tensors_atomic, write_json_atomic
+from .fileio import read_json, save_tensors_atomic, write_json_atomic
 from .model import SaptModel
 from .zero3 import gathered
 
@@ -139,6 +140,11 @@ def read_lineage(task_dir: str | Path, config: SaptConfig) -> list[str]:
     return [entry["dir"] for entry in blocks]
 
 
+def block_folders(task_dir: str | Path, config: SaptConfig) -> list[Path]:
+    """The folder of each block of `task_dir`, resolved to an absolute path, oldest first."""
+    return [(Path(task_dir) / d).resolve() for d in read_lineage(task_dir, config)]
+
+
 def resolve_task_dir(path: str | Path) -> Path:
     """A task folder itself, or a run's `outputs` folder (then its latest task folder)."""
     path = Path(path)
@@ -202,7 +208,7 @@ def _load_router(model: SaptModel, path: Path, num_tasks: int) -> None:
     try:
         model.router.query_net.load_state_dict(query_state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: query network does not fit ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: query network does not fit ({first_line(err)})") from None
     model.router.append_frozen_keys(keys)
     model.router.query_net.requires_grad_(False)
 

@@ -14,7 +14,8 @@ import torch
 from .model import IGNORE_INDEX
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Token-id rows padded with `value` to the longest (on the left for decoder-only prompts)."""
     width = max(len(row) for row in rows)
     padded = [([value] * (width - len(row)) + row) if left else (row + [value] * (width - len(row))) for row in rows]
     return torch.tensor(padded, dtype=torch.long)
@@ -25,7 +26,7 @@ class Collator:
     """`for_generation=False`: input_ids, attention_mask, labels.
     `for_generation=True`: the prompt alone, plus `example_index` to find each example's reference.
 
-    The last three fields reproduce the release's LLaMA collator (sapt.release_exact): prompts without
+    The last three fields reproduce the release's LLaMA collator (sapt.release_training): prompts without
     the tokenizer's special tokens (no BOS), padding with another id (the release's: BOS), and labels
     cut after EOS is appended (EOS lost for labels of max_target_length tokens or more)."""
 
@@ -59,21 +60,21 @@ class Collator:
         left = not self.is_encoder_decoder  # decoder-only prompts end where generation starts
         prompts = self.prompt_ids([ex["source"] for ex in examples])
         if self.for_generation:
-            batch = {"input_ids": _pad(prompts, pad, left), "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left)}
+            batch = {"input_ids": pad_rows(prompts, pad, left), "attention_mask": pad_rows([[1] * len(p) for p in prompts], 0, left)}
             batch["example_index"] = torch.tensor([ex["index"] for ex in examples], dtype=torch.long)
             return batch
         labels = self.label_ids([ex["target"] for ex in examples])
         if self.is_encoder_decoder:
             return {
-                "input_ids": _pad(prompts, pad, left=False),
-                "attention_mask": _pad([[1] * len(p) for p in prompts], 0, left=False),
-                "labels": _pad(labels, IGNORE_INDEX, left=False),
+                "input_ids": pad_rows(prompts, pad, left=False),
+                "attention_mask": pad_rows([[1] * len(p) for p in prompts], 0, left=False),
+                "labels": pad_rows(labels, IGNORE_INDEX, left=False),
             }
         # Decoder-only: prompt + label + EOS in one sequence, loss on the label part only.
         sequences = [p + l for p, l in zip(prompts, labels)]
         targets = [[IGNORE_INDEX] * len(p) + l for p, l in zip(prompts, labels)]
         return {
-            "input_ids": _pad(sequences, pad, left=True),
-            "attention_mask": _pad([[1] * len(s) for s in sequences], 0, left=True),
-            "labels": _pad(targets, IGNORE_INDEX, left=True),
+            "input_ids": pad_rows(sequences, pad, left=True),
+            "attention_mask": pad_rows([[1] * len(s) for s in sequences], 0, left=True),
+            "labels": pad_rows(targets, IGNORE_INDEX, left=True),
         }

@@ -2,16 +2,21 @@
 
 Each example has the columns `task`, `source` (the full prompt), `target` (the label text) and
 `index` (position in its split, used to match generations back to references).
+
+`datasets` is imported only where a split becomes a Dataset, so that light commands (sapt.prepare_data,
+the generators) can read the benchmark's names and files from here without loading it.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from datasets import Dataset
+from .fileio import read_json
 
-from .io import read_json
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 BENCHMARKS = ("SuperNI", "Long_Sequence")
 SPLITS = ("train", "dev", "test")
@@ -62,8 +67,10 @@ def _is_text(value) -> bool:
     return True
 
 
-def read_split_file(path: Path) -> tuple[str, list[dict]]:
-    """(definition, instances) of one split file, validated. Any problem is a DataError naming the file."""
+def read_split_file(path: Path, strip_definition: bool = True) -> tuple[str, list[dict]]:
+    """(definition, instances) of one split file, validated. Any problem is a DataError naming the file.
+    The definition is the file's first, stripped as the prompts use it (`strip_definition=False`: as
+    written, for sapt.tiny's tokenizer corpus)."""
     data = read_json(path, DataError, "split file")
     if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
         raise DataError(f"{path}: expected a JSON object with an 'Instances' list")
@@ -82,7 +89,7 @@ def read_split_file(path: Path) -> tuple[str, list[dict]]:
         valid_list = isinstance(output, list) and output and all(_is_text(o) for o in output)
         if not _is_text(instance["input"]) or not (_is_text(output) or valid_list):
             raise DataError(f"{path}: instance {number} has a non-text 'input' or 'output'")
-    return definition.strip(), instances
+    return (definition.strip() if strip_definition else definition), instances
 
 
 def load_split(
@@ -94,6 +101,8 @@ def load_split(
     require_outputs: bool = True,
 ) -> Dataset:
     """One split of one task. A list-valued `output` contributes one element, drawn with `seed`."""
+    from datasets import Dataset
+
     benchmark, folder = find_task(data_dir, task)
     definition, instances = read_split_file(folder / f"{split}.json")
     if max_samples is not None:

@@ -35,16 +35,16 @@ from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments,
 from .backbone import load_backbone, load_tokenizer
 from .checkpoint import TASK_ARGS_FILE, CheckpointError, load_config, load_routing_mean, restore_model
 from .cl_metrics import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ORDER_FILE, ScoreError, read_task_order
+from .cli import OneLineArgumentParser, UsageError, first_line, report_error
 from .collators import Collator
 from .data import DataError
-from .io import read_json, write_json_atomic, write_text_atomic
+from .fileio import read_json, write_json_atomic, write_text_atomic
 from .logs import setup_cli_logging, stdout_kept_for_results
 from .prediction import generation_settings, load_test_sets, predict_tests, write_predictions
-from .release_exact import ReleaseMode
+from .release_training import ReleaseMode
 from .routing_analysis import EVALUATION_FILE, ROUTINGS, SHORT_LABELS, canonical_routing
+from .task_args import SaptArguments, launch_defaults, parse_task_arguments, plan, task_args_record
 from .trainer import SaptTrainer
-from .train_task import SaptArguments, launch_defaults, plan, task_args_record
-from .validation import OneLineArgumentParser, UsageError, parse_task_arguments
 
 logger = logging.getLogger("sapt")
 
@@ -177,9 +177,8 @@ def check_model(model_path: str, folder: Path) -> None:
     try:
         AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EvaluateError(
-            f"{folder}: its backbone {model_path!r} cannot be loaded ({first}); pass --model_name_or_path"
+            f"{folder}: its backbone {model_path!r} cannot be loaded ({first_line(err)}); pass --model_name_or_path"
         ) from None
 
 
@@ -309,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         with stdout_kept_for_results():
             written = evaluate_run(args.run, args.routing, config_dir=args.config, overrides=overrides)
     except (EvaluateError, UsageError, CheckpointError, DataError, ScoreError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return report_error(PROG, err)
     print(written)
     return 0
 

@@ -48,9 +48,9 @@ from .checkpoint import (
 from .cl_metrics import ScoreError, read_run, summarize
 from .config import CONFIG_NAME, SaptConfig
 from .data import DataError
-from .io import save_tensors_atomic, write_json_atomic, write_text_atomic
+from .fileio import save_tensors_atomic, write_json_atomic, write_text_atomic
 from .logs import setup_cli_logging, stdout_kept_for_results
-from .validation import OneLineArgumentParser, UsageError
+from .cli import OneLineArgumentParser, UsageError, report_error
 
 logger = logging.getLogger("sapt.export" if __name__ == "__main__" else __name__)
 
@@ -223,6 +223,13 @@ def measure_deployments(
 def render_readme(
     config: SaptConfig, tasks: list[TaskBlock], outputs_dir: Path, out_dir: Path, measured: dict, config_dir: str | None
 ) -> str:
+    lines = _adapters_section(config, tasks, outputs_dir, out_dir)
+    lines += _measured_section(tasks, outputs_dir, measured, config_dir)
+    return "\n".join(lines) + "\n"
+
+
+def _adapters_section(config: SaptConfig, tasks: list[TaskBlock], outputs_dir: Path, out_dir: Path) -> list[str]:
+    """The README's lines on what each exported adapter computes and how to load them."""
     auto = "AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM"
     last = tasks[-1]
     lines = [
@@ -268,7 +275,14 @@ def render_readme(
         "",
         f"The `{BLOCKS_DIR}` adapters load the same way.",
         "",
-        f"## Measured AP of each deployment choice (after task {last.index})",
+    ]
+    return lines
+
+
+def _measured_section(tasks: list[TaskBlock], outputs_dir: Path, measured: dict, config_dir: str | None) -> list[str]:
+    """The README's table of each deployment choice's AP, with the command for each not yet measured."""
+    lines = [
+        f"## Measured AP of each deployment choice (after task {tasks[-1].index})",
         "",
         "| deployment | AP | source |",
         "|---|---|---|",
@@ -291,7 +305,7 @@ def render_readme(
                 f"before `{TASK_ARGS_FILE}` existed."
             ),
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---- the command ----------------------------------------------------------------------------------
@@ -356,8 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stdout_kept_for_results():
             out = export_run(args.run, args.out, args.root, args.measure, args.config)
     except (CheckpointError, UsageError, OSError) as err:  # user errors: one line, no traceback
-        print(f"sapt.export: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("sapt.export", err)
     print(out)
     return 0
 

@@ -12,7 +12,6 @@ written into a temporary folder, and OUT appears only when every task folder is 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -31,8 +30,9 @@ import torch
 from .backbone import load_backbone
 from .checkpoint import TASK_DIR_PATTERN, CheckpointError, save_routing_mean, save_task_artifacts
 from .cl_metrics import TASK_ORDER_FILE
+from .cli import OneLineArgumentParser, report_error
 from .config import SaptConfig
-from .io import write_text_atomic
+from .fileio import write_text_atomic
 from .logs import stdout_kept_for_results
 from .model import SaptModel
 from .safe_pickle import UnsafePickleError, load_numpy_pickle
@@ -405,8 +405,8 @@ def _temperature(text: str) -> str | float:
         return text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sapt.interop", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="sapt.interop", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("import-official", help="convert the release's saved_weights folders into task folders")
     cmd.add_argument("--family", required=True, choices=sorted(FAMILY_PROJECTIONS), help="backbone family")
@@ -439,8 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.family, args.backbone, args.saved_weights, args.out, args.lora_alpha, names, args.temperature
             )
     except (CheckpointError, OSError) as err:  # user errors: one line, no traceback
-        print(f"sapt.interop: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("sapt.interop", err)
     print(out)
     return 0
 

@@ -2,30 +2,43 @@
 
 The four `gen_script_*.py` files are presets over `main()`. The pipeline trains the tasks in order, one
 process each, skips tasks whose folder is complete (so running it again continues where it stopped),
-and ends with `score.py`. With `--seeds 1,2,3` one pipeline runs the whole experiment once per seed, one
-seed after another (runs `<run>_seed1`, ...), and ends with `score.py --aggregate` over them.
+and ends with `python -m sapt.score` (what `score.py` runs). With `--seeds 1,2,3` one pipeline runs the
+whole experiment once per seed, one seed after another (runs `<run>_seed1`, ...), and ends with
+`python -m sapt.score --aggregate` over them.
+
+Everything is written under `--workdir` (default: the directory the generator runs in), and every
+relative path is read there: the pipeline, its configs, logs_and_outputs/, results/, tiny_models/. The
+pipeline calls the installed package's entry points (`python -m sapt...`), never a file of a checkout,
+so it works the same from a clone, an editable install of another clone, or a plain `pip install .`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .cl_metrics import COMPLETE_FILE
+from .cli import OneLineArgumentParser
 from .config import METHODS
 from .data import DataError, find_task
-from .io import write_json_atomic, write_text_atomic
+from .fileio import write_json_atomic, write_text_atomic
 from .release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
-from .validation import OneLineArgumentParser, check_task_overrides
+from .task_args import check_task_overrides
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = REPO_ROOT / "configs"
+# Presets, task orders and DeepSpeed configs are package data (the checkout's top-level configs/ links here).
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
-# Absolute: the pipeline runs in its --workdir, which need not be the repository.
-DEEPSPEED_CONFIGS = {stage: str(CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
+# Absolute: the pipeline runs in its --workdir, wherever the package is installed.
+DEEPSPEED_CONFIGS = {stage: str(PACKAGE_CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
+# What a pipeline runs besides the task steps: entry points of the installed package.
+SCORE_COMMAND = "python -m sapt.score"
+PSEUDO_DATA_COMMAND = "python -m sapt.pseudo_data"
+# Where a pipeline is written when --output is not given, under the workdir.
+GENERATED_PIPELINES = "scripts/generated"
 DEFAULT_SEED = 42
 
 
@@ -63,7 +76,7 @@ class Experiment:
     deepspeed: str | None = None
     pseudo_data: str = "shipped"
     single_run: str | None = None
-    workdir: str = str(REPO_ROOT)
+    workdir: str = field(default_factory=os.getcwd)  # absolute; the pipeline cds there
     extra: dict = field(default_factory=dict)
     release_exact: bool = False  # --release_exact: train as the release's code did (sapt.release_exact)
     release_behaviours: str | None = None  # --release_behaviours: some of its behaviours
@@ -230,17 +243,20 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
                         help="Some of the release's behaviours (names in sapt.release_exact; '-name' removes one "
                              "from --release_exact).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any train_task argument.")
-    parser.add_argument("--output", default=None, help="Pipeline path (default scripts/generated/<run>.sh).")
-    parser.add_argument("--workdir", default=str(REPO_ROOT),
-                        help="Where the pipeline runs: logs_and_outputs/ and tiny_models/ are written there.")
+    parser.add_argument("--output", default=None,
+                        help=f"Pipeline path, relative to --workdir (default {GENERATED_PIPELINES}/<run>.sh).")
+    parser.add_argument("--workdir", default=None,
+                        help="Where the pipeline runs (default: the current directory): relative paths are read "
+                             "there, and the pipeline, logs_and_outputs/, results/, tiny_models/ are written there.")
     return parser
 
 
-def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = CONFIGS) -> tuple[Experiment, Path]:
+def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = PACKAGE_CONFIGS) -> tuple[Experiment, Path]:
     presets, orders = load_json(configs / "presets.json"), load_json(configs / "orders.json")
     settings = dict(presets[preset])
     parser = build_parser(preset, settings, orders)
     ns = parser.parse_args(argv)
+    workdir = Path(os.path.abspath(ns.workdir or os.curdir))
     try:
         extra = parse_set(ns.set)
         check_task_overrides(extra)
@@ -253,12 +269,12 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
         parser.error("give --seeds or a single seed (--seed, --set seed=...), not both")
     tasks = list(orders[settings["benchmark"]][ns.order])
     if ns.tasks is not None:
-        tasks = own_tasks(ns.tasks, Path(ns.workdir) / ns.data_dir, parser)
+        tasks = own_tasks(ns.tasks, workdir / ns.data_dir, parser)
     model = ns.model_name_or_path or settings["model_name_or_path"]
     if ns.quick:
         settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
         if ns.tasks is None:  # an own task list is taken as given
-            synthetic = Path(ns.workdir) / ns.data_dir / "SYNTHETIC.json"
+            synthetic = workdir / ns.data_dir / "SYNTHETIC.json"
             if synthetic.is_file():  # `make data` found no release and wrote the synthetic benchmark
                 tasks = load_json(synthetic)["orders"][settings["benchmark"]]
             tasks = tasks[: settings["tasks"]]
@@ -292,11 +308,11 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
         protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None,
         seed=DEFAULT_SEED if ns.seed is None else ns.seed, seeds=seeds,
         gpus=gpus, deepspeed=getattr(ns, "deepspeed", None),
-        pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=ns.workdir, extra=extra,
+        pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=str(workdir), extra=extra,
         release_exact=ns.release_exact, release_behaviours=ns.release_behaviours,
     )
-    output = Path(ns.output or f"scripts/generated/{run_name}" + ("_seeds" if seeds else "") + ".sh")
-    return experiment, output
+    output = Path(ns.output or f"{GENERATED_PIPELINES}/{run_name}" + ("_seeds" if seeds else "") + ".sh")
+    return experiment, workdir / output  # an absolute --output stays as given
 
 
 def _launch(exp: Experiment) -> str:
@@ -330,7 +346,7 @@ def _run_lines(exp: Experiment) -> list[str]:
     if exp.pseudo_data == "regenerate":
         steps = "--steps 100 --max_train_samples 32" if exp.quick else ""
         lines += [
-            f"python {q(str(REPO_ROOT / 'scripts' / 'generate_pseudo_data.py'))} --model_name_or_path {q(exp.model_name_or_path)} "
+            f"{PSEUDO_DATA_COMMAND} --model_name_or_path {q(exp.model_name_or_path)} "
             f"--data_dir {q(exp.data_dir)} --tasks {q(','.join(exp.tasks[:-1]))} --out {q(exp.gen_data_dir)} "
             f"--seed {exp.seed} {steps}".rstrip(),
             "",
@@ -347,9 +363,9 @@ def _run_lines(exp: Experiment) -> list[str]:
         "",
     ]
     if exp.method == "single":  # each task alone: the reference for another run's FWT, no matrix of its own
-        lines.append(f'echo "[pipeline] single-task scores for FWT: python score.py RUN {exp.run_name}"')
+        lines.append(f'echo "[pipeline] single-task scores for FWT: {SCORE_COMMAND} RUN {exp.run_name}"')
     else:
-        lines.append(f"python {q(str(REPO_ROOT / 'score.py'))} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
+        lines.append(f"{SCORE_COMMAND} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
     return lines
 
 
@@ -375,7 +391,7 @@ def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
         lines += _run_lines(run) + [""]
     if exp.method != "single":
         single = f" --single {q(exp.single_run)}" if exp.single_run else ""
-        lines.append(f"python {q(str(REPO_ROOT / 'score.py'))} --aggregate {' '.join(q(r.run_name) for r in runs)}{single}")
+        lines.append(f"{SCORE_COMMAND} --aggregate {' '.join(q(r.run_name) for r in runs)}{single}")
     return "\n".join(lines) + "\n"
 
 
@@ -386,7 +402,7 @@ def write_configs(exp: Experiment, config_dir: Path) -> None:
 
 def write_experiment(exp: Experiment, output: Path) -> Path:
     """Write every task's config next to the pipeline (per seed with --seeds) and the pipeline itself."""
-    output = output if output.is_absolute() else REPO_ROOT / output
+    output = output if output.is_absolute() else Path(exp.workdir) / output
     config_dir = output.with_suffix("")
     if exp.seeds:
         for run in exp.seed_runs():

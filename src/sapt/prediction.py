@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .checkpoint import PREDICTIONS_DIR, ROUTING_KEY
 from .collators import Collator
 from .data import load_split
-from .io import write_jsonl_atomic
+from .fileio import write_jsonl_atomic
 from .metrics import compute_metrics
 from .model import SaptModel
 
@@ -42,7 +42,7 @@ def load_test_sets(data_dir, tasks: list[str], seed: int, max_samples: int | Non
 def input_routing(model: SaptModel, dataset, collator: Collator, batch_size: int) -> list[list[float]]:
     """Each example's routing distribution, oldest block first, in the dataset's order.
 
-    Sharded as train_task.mean_routing (every process runs the same number of forwards, which ZeRO-3
+    Sharded as reflection.mean_routing (every process runs the same number of forwards, which ZeRO-3
     needs), then gathered, so every process gets every row. With one process the batches are those
     of `trainer.predict`, so the rows are the weights generation used even under `pool_padding`
     (which makes them depend on the batch)."""

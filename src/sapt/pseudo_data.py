@@ -4,7 +4,7 @@ For each task a LoRA on the frozen backbone's attention q/v projections learns t
 source ``__gen__`` to ``{Definition}__inp__{input}``; samples from it are split at ``__inp__`` and
 2% of the training-set size (at least 1) are written in the benchmark's JSON format:
 
-    python scripts/generate_pseudo_data.py --model_name_or_path tiny_models/t5 \\
+    python -m sapt.pseudo_data --model_name_or_path tiny_models/t5 \\
         --data_dir ../shared/CL_Benchmark --tasks task363_sst2_polarity_classification \\
         --out generated_data/lora_gen_superni_t5
 
@@ -31,16 +31,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from .backbone import load_backbone, load_tokenizer
+from .config import TARGET_MODULES
 from .data import SPLITS, DataError, find_task, read_split_file
-from .io import write_json_atomic
-from .logs import stdout_kept_for_results
+from .fileio import write_json_atomic
+from .logs import setup_cli_logging, stdout_kept_for_results
 
 logger = logging.getLogger(__name__)
 
 GEN_TOKEN, INP_TOKEN, ANS_TOKEN = "__gen__", "__inp__", "__ans__"
 MARKER_TOKENS = (GEN_TOKEN, INP_TOKEN, ANS_TOKEN)
-# Attention q/v projections per family; anything else is matched by these names if present.
-TARGET_MODULES = {"t5": ["q", "v"], "mt5": ["q", "v"], "llama": ["q_proj", "v_proj"]}
 
 
 class PseudoDataError(RuntimeError):
@@ -73,9 +72,10 @@ def pseudo_count(num_train: int, ratio: float = 0.02) -> int:
 
 
 def target_modules_for(model) -> list[str]:
+    """The attention q/v projections of SAPT's families (sapt.config); another family's by these names."""
     model_type = model.config.model_type
     if model_type in TARGET_MODULES:
-        return TARGET_MODULES[model_type]
+        return list(TARGET_MODULES[model_type])
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     for candidate in (["q_proj", "v_proj"], ["q", "v"]):
         if set(candidate) <= names:
@@ -371,3 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     for task, folder in zip(tasks, written):
         print(f"{task}: {folder if folder is not None else 'already done'}")
     return 0
+
+
+def cli() -> int:
+    """`python -m sapt.pseudo_data` (generated pipelines) and `scripts/generate_pseudo_data.py`."""
+    setup_cli_logging()
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -18,6 +18,7 @@ import contextlib
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -26,6 +27,31 @@ def arm_target(routing_mean: list[float], num_blocks: int) -> torch.Tensor:
     if len(routing_mean) > num_blocks:
         raise ValueError(f"ā over {len(routing_mean)} blocks cannot target a model of {num_blocks}")
     return torch.tensor(list(routing_mean) + [0.0] * (num_blocks - len(routing_mean)))
+
+
+@torch.no_grad()
+def mean_routing(model, dataset, collator, batch_size: int) -> list[float]:
+    """ā: the mean routing distribution over the examples of `dataset` (a task's dev inputs when the
+    task ends), oldest block first; what ARM later pulls the task's pseudo inputs towards.
+
+    Under several processes each takes every world_size-th example and the sums are added up, so
+    every process gets the mean over all of them. Shards are padded to one length (the padding
+    counts zero) because under ZeRO-3 every process must run the same number of forwards."""
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    shard = list(range(rank, len(dataset), world))
+    length = -(-len(dataset) // world)
+    counted = [1.0] * len(shard) + [0.0] * (length - len(shard))
+    shard += [0] * (length - len(shard))
+    total = torch.zeros(model.num_blocks, dtype=torch.float64, device=model.device)
+    for start in range(0, length, batch_size):
+        batch = collator([dataset[i] for i in shard[start : start + batch_size]])
+        weights = model.routing_weights(batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device))
+        keep = torch.tensor(counted[start : start + batch_size], dtype=torch.float64, device=model.device)
+        total += (weights.double() * keep[:, None]).sum(0)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total / len(dataset)).float().tolist()
 
 
 def window_rows(num_rows: int, batch_size: int, position) -> list[int]:
@@ -50,7 +76,7 @@ class AttentiveReflection:
         self, pseudo_sets, routing_means: list[list[float]], collator, batch_size: int, num_blocks: int, *,
         rows=None, pool_all: bool = False, autocast_dtype: torch.dtype | None = None, first_step: int = 0,
     ):
-        """Release-exact options (sapt.release_exact): `rows(task, position)` picks each pseudo batch's
+        """Release-exact options (sapt.release_training): `rows(task, position)` picks each pseudo batch's
         rows instead of the step's window; `pool_all` max-pools over every position (padding too);
         `autocast_dtype` computes the KL under autocast against a target of that dtype; no term before
         optimizer step `first_step`."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .io import write_json_atomic
+from .fileio import write_json_atomic
 
 STEPPING_FILE = "release_stepping.json"
 

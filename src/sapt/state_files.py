@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .io import read_json, save_tensors_atomic, write_json_atomic
+from .fileio import read_json, save_tensors_atomic, write_json_atomic
 
 
 class StateFileError(ValueError):

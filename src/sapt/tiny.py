@@ -18,7 +18,6 @@ written to a temporary directory beside the target, then renamed into place).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -38,13 +37,17 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from .data import DataError
-from .io import read_json
+from .cli import OneLineArgumentParser, report_error
+from .collators import pad_rows
+from .data import DataError, format_prompt, read_split_file
 from .logs import stdout_kept_for_results
+from .prepare_data import SOURCE_ENV, SourceError, find_source
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = ("t5", "llama")
+# Replaced by $SAPT_DATA_SOURCE (the release folder that holds CL_Benchmark/); still read, with a warning.
+DEPRECATED_DATA_ENV = "SAPT_DATA_DIR"
 SETTINGS_FILE = "tiny_model.json"
 # Bump when the build recipe changes, so old directories are rebuilt instead of reused.
 FORMAT_VERSION = 1
@@ -64,14 +67,19 @@ SPECIAL_TOKENS = {
 
 
 def default_data_dir() -> Path | None:
-    """The shared benchmark beside the repository, else ``$SAPT_DATA_DIR``; None when neither exists."""
-    beside_repo = Path(__file__).resolve().parents[2].parent / "shared" / "CL_Benchmark"
-    if beside_repo.is_dir():
-        return beside_repo
-    env = os.environ.get("SAPT_DATA_DIR")
-    if env and Path(env).is_dir():
-        return Path(env)
-    return None
+    """CL_Benchmark/ of the release `make data` would use ($SAPT_DATA_SOURCE, else ../shared beside the
+    working directory); None when there is none. The deprecated $SAPT_DATA_DIR names CL_Benchmark/ itself."""
+    deprecated = os.environ.get(DEPRECATED_DATA_ENV)
+    if deprecated and not os.environ.get(SOURCE_ENV):
+        logger.warning("$%s is deprecated: set $%s to the folder holding CL_Benchmark/", DEPRECATED_DATA_ENV, SOURCE_ENV)
+        return Path(deprecated) if Path(deprecated).is_dir() else None
+    try:
+        source = find_source()
+    except SourceError as err:
+        raise DataError(str(err)) from None
+    if source is None or not (source / "CL_Benchmark").is_dir():
+        return None
+    return source / "CL_Benchmark"
 
 
 def _builtin_corpus() -> list[str]:
@@ -94,16 +102,15 @@ def _builtin_corpus() -> list[str]:
 
 
 def _task_texts(train_json: Path) -> list[str]:
-    """Definitions plus the first instances' inputs and outputs of one task."""
-    data = read_json(train_json, DataError, "split file")  # one line naming the file, as train_task's checks
-    if not isinstance(data, dict) or not isinstance(data.get("Instances"), list):
-        raise DataError(f"{train_json}: expected a JSON object with an 'Instances' list")
-    texts = [d for d in data.get("Definition") or [] if isinstance(d, str)]
-    for instance in (data.get("Instances") or [])[:MAX_INSTANCES_PER_TASK]:
-        texts.append(str(instance.get("input", "")))
-        output = instance.get("output", "")
+    """The definition plus the first instances' inputs and outputs of one task. The file goes through
+    the checks train_task's do (a bad one ends in one line naming it)."""
+    definition, instances = read_split_file(train_json, strip_definition=False)
+    texts = [definition]
+    for instance in instances[:MAX_INSTANCES_PER_TASK]:
+        texts.append(instance["input"])
+        output = instance["output"]
         texts.extend(output if isinstance(output, list) else [output])
-    return [t for t in texts if isinstance(t, str) and t]
+    return [t for t in texts if t]
 
 
 def find_benchmark(data_dir: str | Path | None) -> tuple[list[Path], str]:
@@ -123,8 +130,7 @@ def load_corpus(files: list[Path]) -> list[str]:
     """Training text for the tokenizer: the benchmark's (or the built-in) text plus the prompt words."""
     texts = [t for f in files for t in _task_texts(f)] if files else _builtin_corpus()
     logger.info("tokenizer corpus: %d texts from %d tasks", len(texts), len(files))
-    prompt = "Definition: {}\n\nNow complete the following example -\nInput: {}\nOutput: {}"
-    texts.append(prompt.format("Classify the text.", "Some text.", "positive"))
+    texts.append(format_prompt("SuperNI", "Classify the text.", "Some text.") + "positive")
     texts.extend(PROMPT_WORDS)
     return texts
 
@@ -187,7 +193,6 @@ def build_model(family: str, vocab_size: int, d_model: int, num_layers: int, see
 # meaning, so that the benchmark's behaviour (routing, forgetting) is not that of random weights.
 PRETRAIN_DEFAULTS = dict(objective="denoise", learning_rate=3e-3, batch_size=32, max_length=96,
                          mask_ratio=0.15, mean_span=3, steps=0)
-PROMPT = "Definition: {}\n\nNow complete the following example -\nInput: {}\nOutput: "
 
 
 def pretraining_corpus(files: list[Path]) -> list[str]:
@@ -197,15 +202,15 @@ def pretraining_corpus(files: list[Path]) -> list[str]:
         return _builtin_corpus()
     texts = []
     for path in files:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        definitions = [d for d in data.get("Definition") or [] if isinstance(d, str) and d]
-        texts.extend(definitions)
-        for instance in (data.get("Instances") or [])[:MAX_INSTANCES_PER_TASK]:
-            text = str(instance.get("input", ""))
+        definition, instances = read_split_file(path, strip_definition=False)
+        if definition:
+            texts.append(definition)
+        for instance in instances[:MAX_INSTANCES_PER_TASK]:
+            text = instance["input"]
             if text:
                 texts.append(text)
-                if definitions:
-                    texts.append(PROMPT.format(definitions[0], text))
+                if definition:
+                    texts.append(format_prompt("SuperNI", definition, text))
     return texts
 
 
@@ -224,11 +229,6 @@ def corrupt(ids: list[int], rng: torch.Generator, mask_id: int, ratio: float, me
     return out
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
-
-
 def pretraining_batch(tokenizer, texts: list[str], family: str, rng: torch.Generator, cfg: dict) -> dict:
     """T5: corrupted text -> original text (denoising); LLaMA: next-token prediction on the text."""
     encoded = [tokenizer(t, truncation=True, max_length=cfg["max_length"])["input_ids"] for t in texts]
@@ -236,11 +236,11 @@ def pretraining_batch(tokenizer, texts: list[str], family: str, rng: torch.Gener
     if family == "t5":
         unk = tokenizer.unk_token_id
         sources = [corrupt(ids[:-1], rng, unk, cfg["mask_ratio"], cfg["mean_span"]) + ids[-1:] for ids in encoded]
-        labels = _pad(encoded, -100)
-        return {"input_ids": _pad(sources, pad), "attention_mask": _pad([[1] * len(s) for s in sources], 0),
+        labels = pad_rows(encoded, -100)
+        return {"input_ids": pad_rows(sources, pad), "attention_mask": pad_rows([[1] * len(s) for s in sources], 0),
                 "labels": labels}
-    input_ids = _pad(encoded, pad)
-    mask = _pad([[1] * len(e) for e in encoded], 0)
+    input_ids = pad_rows(encoded, pad)
+    mask = pad_rows([[1] * len(e) for e in encoded], 0)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
 
 
@@ -334,15 +334,23 @@ def build_tiny_model(
         return out_dir
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SETTINGS_FILE).is_file():
         raise FileExistsError(f"{out_dir} exists, is not empty and was not written by sapt.tiny; refusing to replace it")
+    vocab = _build_into_place(out_dir, files, settings, pretrain_steps)
+    logger.info("wrote tiny %s model (vocab %d) to %s", family, vocab, out_dir)
+    return out_dir
 
+
+def _build_into_place(out_dir: Path, files: list[Path], settings: dict, pretrain_steps: int) -> int:
+    """Build the model of `settings` in a temporary folder beside `out_dir`, then rename it into place.
+    Returns the tokenizer's vocabulary size."""
+    family, seed = settings["family"], settings["seed"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp.", dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the final directory should look like any other
     try:
-        tokenizer = train_tokenizer(family, load_corpus(files), vocab_size)
-        model = build_model(family, len(tokenizer), d_model, num_layers, seed)
+        tokenizer = train_tokenizer(family, load_corpus(files), settings["vocab_size"])
+        model = build_model(family, len(tokenizer), settings["d_model"], settings["num_layers"], seed)
         if pretrain_steps:
             texts = pretraining_corpus(files)
             losses = pretrain(model, tokenizer, texts, family, pretrain_steps, seed)
@@ -361,12 +369,11 @@ def build_tiny_model(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrote tiny %s model (vocab %d) to %s", family, len(tokenizer), out_dir)
-    return out_dir
+    return len(tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="sapt.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=FAMILIES, required=True)
     parser.add_argument("--out", required=True, help="directory to write the model to")
     parser.add_argument("--data_dir", default=None, help="CL_Benchmark root for tokenizer text")
@@ -385,8 +392,7 @@ def main(argv: list[str] | None = None) -> None:
                 seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
             )
     except DataError as err:
-        print(f"sapt.tiny: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(report_error("sapt.tiny", err))
     print(out)
 
 

@@ -1,31 +1,27 @@
 """SaptTrainer: the stock Trainer plus the ARM loss, a router learning rate, generation for
-evaluation, and light checkpoints holding only what trains."""
+evaluation, and light checkpoints holding only what trains (sapt.resume); the callbacks a task step
+adds to it (model selection on dev, evaluation every n epochs, stopping on a signal)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
-from .io import save_tensors_atomic, write_json_atomic
+from .fileio import save_tensors_atomic, write_json_atomic
 from .model import IGNORE_INDEX
-from .state_files import load_state, save_state, state_exists
-from .zero3 import gathered
+from .resume import PickleFreeCheckpoints, load_trainable_tensors, trainable_tensors
 
-TRAINABLE_FILE = "trainable.safetensors"
 BEST_FILE = "best_trainable.safetensors"
-OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
 SELECTION_FILE = "selection.json"
 
 logger = logging.getLogger(__name__)
@@ -43,9 +39,8 @@ class StepPosition:
     world_size: int
 
 
-class SaptTrainer(Trainer):
+class SaptTrainer(PickleFreeCheckpoints, Trainer):
     """The stock Trainer with weighted extra loss terms, each called as term(model, StepPosition)."""
-
 
     def __init__(
         self,
@@ -59,7 +54,7 @@ class SaptTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        # Release-exact training (sapt.release_exact.ReleaseTraining): its micro-batch stream, its
+        # Release-exact training (sapt.release_training.ReleaseTraining): its micro-batch stream, its
         # cross-entropy and its per-backward optimizer stepping; None trains the method as described.
         self.release = release
         self.generation_collator = generation_collator
@@ -121,7 +116,7 @@ class SaptTrainer(Trainer):
         return self._stepping.training_step(self, model, inputs, num_items_in_batch)
 
     def get_train_dataloader(self):
-        """The release's stream of micro-batches when release-exact training gives one (sapt.release_exact)."""
+        """The release's stream of micro-batches when release-exact training gives one (sapt.release_training)."""
         if self.release is None or self.release.train_batches is None:
             return super().get_train_dataloader()
         loader = DataLoader(
@@ -184,84 +179,6 @@ class SaptTrainer(Trainer):
         if not sapt_model.config.is_encoder_decoder:
             generated = generated[:, inputs["input_ids"].shape[1] :]  # keep only the new tokens
         return None, generated, index
-
-    # ---- light checkpoints: only trainable tensors --------------------------------------------
-    def _save(self, output_dir=None, state_dict=None):
-        output_dir = Path(output_dir or self.args.output_dir)
-        tensors = trainable_tensors(self.accelerator.unwrap_model(self.model))  # every process (ZeRO-3)
-        if self.args.should_save:
-            save_tensors_atomic(output_dir / TRAINABLE_FILE, tensors)
-            for part in self.checkpoint_parts:
-                part.save(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        model = self.accelerator.unwrap_model(model or self.model)
-        load_trainable_tensors(model, load_file(str(Path(resume_from_checkpoint) / TRAINABLE_FILE)))
-        for part in self.checkpoint_parts:
-            part.load(resume_from_checkpoint)
-
-    def _save_checkpoint(self, model, trial):
-        if self.writes_checkpoints:  # also when a callback (a signal, an epoch) asks for one
-            super()._save_checkpoint(model, trial)
-
-    # The Trainer would torch.save (pickle) these; here they are safetensors + JSON (sapt.state_files).
-    def _save_optimizer_and_scheduler(self, output_dir):
-        if self.args.should_save:
-            save_state(Path(output_dir) / OPTIMIZER_STATE, self.optimizer.state_dict())
-            save_state(Path(output_dir) / SCHEDULER_STATE, self.lr_scheduler.state_dict())
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None or self.is_deepspeed_enabled:
-            return
-        self.optimizer.load_state_dict(load_state(Path(checkpoint) / OPTIMIZER_STATE))
-        self.lr_scheduler.load_state_dict(load_state(Path(checkpoint) / SCHEDULER_STATE))
-
-    def _save_scaler(self, output_dir):
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16 loss scaling only
-        if scaler is not None and self.args.should_save:
-            save_state(Path(output_dir) / SCALER_STATE, scaler.state_dict())
-
-    def _load_scaler(self, checkpoint):
-        scaler = getattr(self.accelerator, "scaler", None)
-        if checkpoint is not None and scaler is not None and state_exists(Path(checkpoint) / SCALER_STATE):
-            scaler.load_state_dict(load_state(Path(checkpoint) / SCALER_STATE))
-
-    def _save_rng_state(self, output_dir):
-        """Every process keeps its own generators' states (data order, dropout)."""
-        states = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
-        if torch.cuda.is_available():
-            states["cuda"] = torch.cuda.random.get_rng_state_all()
-        Path(output_dir).mkdir(parents=True, exist_ok=True)  # another process may not have made it yet
-        save_state(Path(output_dir) / f"{RNG_STATE}_{self.args.process_index}", states)
-
-    def _load_rng_state(self, checkpoint):
-        if checkpoint is None:
-            return
-        stem = Path(checkpoint) / f"{RNG_STATE}_{self.args.process_index}"
-        if not state_exists(stem):
-            logger.warning("%s: no random-generator state for process %d; the resumed run's randomness differs",
-                           checkpoint, self.args.process_index)
-            return
-        states = load_state(stem)
-        random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
-        torch.random.set_rng_state(states["cpu"])
-        if torch.cuda.is_available() and "cuda" in states:
-            torch.cuda.random.set_rng_state_all(states["cuda"])
-
-
-def trainable_tensors(model) -> dict[str, torch.Tensor]:
-    """Copies of the trainable parameters, whole even when ZeRO-3 partitions them (every process calls)."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    with gathered(params.values()):
-        return {name: p.detach().clone() for name, p in params.items()}
-
-
-def load_trainable_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with gathered([params[name] for name in tensors], modify=True), torch.no_grad():
-        for name, value in tensors.items():
-            params[name].copy_(value)
 
 
 class KeepBestTrainable(TrainerCallback):

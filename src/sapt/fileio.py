@@ -8,6 +8,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .cli import first_line
 
 
 @contextmanager
@@ -40,8 +41,19 @@ def read_json(path: str | Path, error: type[Exception], what: str = "file"):
     except UnicodeDecodeError as err:
         raise error(f"{path}: malformed JSON (not UTF-8 text: {err.reason} at byte {err.start})") from None
     except (ValueError, RecursionError) as err:  # e.g. integers too long to convert, nesting too deep
-        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise error(f"{path}: malformed JSON ({detail[:120]})") from None
+        raise error(f"{path}: malformed JSON ({first_line(err)[:120]})") from None
+
+
+def write_bytes_if_changed(path: str | Path, data: bytes) -> bool:
+    """Atomic write of a shared data file (mode 0644) that leaves an identical file untouched (mtime
+    included); True if written."""
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; data files are meant to be shared
+    return True
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
