@@ -49,7 +49,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from sapt.cl_metrics import ROUTING_FILE, read_run, read_single_run, summarize  # noqa: E402
+from sapt.run_files import ROUTING_FILE  # noqa: E402
+from sapt.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
 from sapt.pipeline import main as write_pipeline, parse_set  # noqa: E402
 
 PRESET = "long_llama"

@@ -13,7 +13,8 @@ from datasets import concatenate_datasets
 
 from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
 from sapt import evaluate
-from sapt.checkpoint import ROUTING_KEY, load_checkpoint, load_routing_mean
+from sapt.run_files import ROUTING_KEY
+from sapt.checkpoint import load_checkpoint, load_routing_mean
 from sapt.collators import Collator
 from sapt.metrics import compute_metrics
 from sapt.prediction import load_test_sets, predict_tests

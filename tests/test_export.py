@@ -14,8 +14,8 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
 from sapt import evaluate, export
-from sapt.checkpoint import TASK_ARGS_FILE, restore_model, save_routing_mean, save_task_artifacts
-from sapt.cl_metrics import RESULTS_FILE, TASK_ORDER_FILE
+from sapt.run_files import RESULTS_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
+from sapt.checkpoint import restore_model, save_routing_mean, save_task_artifacts
 
 TASKS = ("task1", "task2", "task3")
 # ā of each task over blocks 1..i, oldest first; none after the first is one-hot.

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cl_metrics import TASK_ARGS_FILE, ScoreError, align_single_scores, read_run, summarize
+from .run_files import TASK_ARGS_FILE
+from .cl_metrics import ScoreError, align_single_scores, read_run, summarize
 from .config import CONFIG_NAME
 from .fileio import read_json
 

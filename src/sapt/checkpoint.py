@@ -21,8 +21,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .backbone import load_backbone
-from .cl_metrics import PREDICTIONS_DIR, ROUTING_KEY  # noqa: F401  (run-folder names live with the scorer's)
-from .cl_metrics import TASK_ARGS_FILE  # noqa: F401  (re-exported: a task folder's record)
 from .cli import first_line
 from .config import CONFIG_NAME, SaptConfig
 from .fileio import read_json, save_tensors_atomic, write_json_atomic

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .run_files import RESULTS_FILE, TASK_ORDER_FILE
+
 logger = logging.getLogger(__name__)
 
 # The release subtracts this constant in its FWT instead of single-task scores ("debugging value").
@@ -24,18 +26,6 @@ RELEASE_FWT_CONSTANT = 50.94
 
 METRICS = ("auto", "rougeL", "exact_match")
 KEY_PREFIX = {"rougeL": "predict_eval_rougeL_for_", "exact_match": "predict_exact_match_for_"}
-
-TASK_ORDER_FILE = "task_order.txt"
-RESULTS_FILE = "all_results.json"
-COMPLETE_FILE = "task_complete.json"  # written last by a finished task step: its folder is whole
-ROUTING_FILE = "routing_weights.json"  # mean routing of each seen task's test inputs, after this task
-# What the task step was trained and evaluated with (train_task's arguments): for re-evaluation and reports.
-TASK_ARGS_FILE = "task_args.json"
-# Test predictions of a task folder: PREDICTIONS_DIR/<task>.jsonl, one record per test input; for a
-# routed model each record carries under ROUTING_KEY the routing weights that input got (oldest block
-# first). Defined here, with the other run-folder names, so the scorer reads them without loading torch.
-PREDICTIONS_DIR = "predictions"
-ROUTING_KEY = "routing"
 
 # SuperNI task names look like "task363_sst2_polarity_classification"; everything else is Long Sequence.
 _SUPERNI_RE = re.compile(r"^task\d+_")

@@ -33,8 +33,8 @@ from pathlib import Path
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
 from .backbone import load_backbone, load_tokenizer
-from .checkpoint import TASK_ARGS_FILE, CheckpointError, load_config, load_routing_mean, restore_model
-from .cl_metrics import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ORDER_FILE, ScoreError, read_task_order
+from .checkpoint import CheckpointError, load_config, load_routing_mean, restore_model
+from .cl_metrics import ScoreError, read_task_order
 from .cli import OneLineArgumentParser, UsageError, first_line, report_error
 from .collators import Collator
 from .data import DataError
@@ -42,6 +42,7 @@ from .fileio import read_json, write_json_atomic, write_text_atomic
 from .logs import setup_cli_logging, stdout_kept_for_results
 from .prediction import generation_settings, load_test_sets, predict_tests, write_predictions
 from .release_training import ReleaseMode
+from .run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
 from .routing_analysis import EVALUATION_FILE, ROUTINGS, SHORT_LABELS, canonical_routing
 from .task_args import SaptArguments, launch_defaults, parse_task_arguments, plan, task_args_record
 from .trainer import SaptTrainer

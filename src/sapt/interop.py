@@ -29,7 +29,7 @@ import torch
 
 from .backbone import load_backbone
 from .checkpoint import TASK_DIR_PATTERN, CheckpointError, save_routing_mean, save_task_artifacts
-from .cl_metrics import TASK_ORDER_FILE
+from .run_files import TASK_ORDER_FILE
 from .cli import OneLineArgumentParser, report_error
 from .config import SaptConfig
 from .fileio import write_text_atomic

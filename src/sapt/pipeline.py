@@ -21,7 +21,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .cl_metrics import COMPLETE_FILE
+from .run_files import COMPLETE_FILE
 from .cli import OneLineArgumentParser
 from .config import METHODS
 from .data import DataError, find_task

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import PREDICTIONS_DIR, ROUTING_KEY
+from .run_files import PREDICTIONS_DIR, ROUTING_KEY
 from .collators import Collator
 from .data import load_split
 from .fileio import write_jsonl_atomic

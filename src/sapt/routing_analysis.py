@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cl_metrics import PREDICTIONS_DIR, ROUTING_KEY, ScoreError
+from .cl_metrics import ScoreError
+from .run_files import PREDICTIONS_DIR, ROUTING_KEY
 
 # What each routing of sapt.evaluate means, as printed in every report of its results.
 ROUTINGS = {

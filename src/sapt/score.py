@@ -57,7 +57,6 @@ from .cl_metrics import (
     KEY_PREFIX,
     METRICS,
     RELEASE_FWT_CONSTANT,
-    ROUTING_FILE,
     ScoreError,
     align_single_scores,
     is_superni_task,
@@ -68,6 +67,7 @@ from .cl_metrics import (
     summarize,
 )
 from .cli import OneLineArgumentParser, UsageError, report_error
+from .run_files import ROUTING_FILE
 from .routing_analysis import NOT_STORED, evaluation_name, read_evaluation_record, routing_accuracy, routing_description
 
 # The documented name; `python -m sapt.score` reports errors under it too.

@@ -37,7 +37,7 @@ from .checkpoint import (
     save_routing_mean,
     save_task_artifacts,
 )
-from .cl_metrics import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
+from .run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
 from .cli import UsageError, report_error
 from .collators import Collator
 from .config import INIT_SCHEME, SaptConfig, release_temperature

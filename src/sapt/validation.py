@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from .checkpoint import BLOCK_FILE, ROUTER_FILE, CheckpointError, block_folders, load_config
-from .cl_metrics import COMPLETE_FILE
+from .run_files import COMPLETE_FILE
 from .cli import UsageError, first_line
 from .config import default_target_modules
 from .data import BENCHMARKS, DataError, find_task
