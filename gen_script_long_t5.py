@@ -6,7 +6,7 @@
 
 import sys
 
-from sapt.pipeline import main
+from sapt.experiments.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main("long_t5"))

@@ -12,7 +12,7 @@ files it writes.
 
 import sys
 
-from sapt.score import main
+from sapt.experiments.score import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
     python bench/cl_behaviour.py [--seeds 3] [--methods sapt,seq_lora,o_lora] [--smoke]
                                  [--workdir DIR] [--json OUT]
 
-What runs: the seeded synthetic benchmark (`sapt.synthetic.write_synthetic_benchmark`, seed 0) is
+What runs: the seeded synthetic benchmark (`sapt.tools.synthetic.write_synthetic_benchmark`, seed 0) is
 written into the work directory, and the first --tasks (default 3) of its Long_Sequence tasks are
 learned in the order synth_animal -> synth_topic -> synth_yesno -> synth_sentiment (label sets
 cat/cow/dog/duck, food/music/sports/travel, yes/no, negative/positive). One tiny T5 backbone is built once with
@@ -11,7 +11,7 @@ cat/cow/dog/duck, food/music/sports/travel, yes/no, negative/positive). One tiny
 `sapt.train_task.main([...])` in this process, chained with `--previous_task_dir` (and, for sapt,
 `--gen_data_dir <workdir>/generated_data/lora_gen_long_t5`, the synthetic 2% pseudo inputs). The seed
 is the training seed (data order, LoRA and key init); the backbone is the same for every run.
-Each run is read back with `sapt.cl_metrics.read_run` (exact match) and summarised with
+Each run is read back with `sapt.experiments.cl_metrics.read_run` (exact match) and summarised with
 `cl_metrics.summarize`; the script prints AP, F.Ra and BWT per method as mean ± std over seeds
 (sample std, n-1) and the per-seed numbers, and writes them with the score matrices to --json.
 
@@ -99,7 +99,7 @@ def settings_of(args) -> dict:
 
 
 def build_backbone(workdir: Path, s: dict) -> Path:
-    from sapt.tiny import build_tiny_model
+    from sapt.tools.tiny import build_tiny_model
 
     extra = {"pretrain_steps": s["pretrain_steps"]} if s["pretrain_steps"] else {}
     name = f"tiny_t5_d{s['d_model']}_l{s['num_layers']}_v{s['vocab_size']}_p{s['pretrain_steps']}"
@@ -110,7 +110,7 @@ def build_backbone(workdir: Path, s: dict) -> Path:
 
 
 def run_sequence(method: str, seed: int, model: Path, workdir: Path, s: dict, quiet: bool) -> Path:
-    from sapt import train_task
+    from sapt.training import train_task
 
     tasks = TASKS[: s["tasks"]]
     outputs = workdir / "runs" / f"{method}_seed{seed}" / "outputs"
@@ -195,8 +195,8 @@ def main(argv=None) -> int:
     workdir = workdir.resolve()
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from sapt import cl_metrics
-    from sapt.synthetic import write_synthetic_benchmark
+    from sapt.experiments import cl_metrics
+    from sapt.tools.synthetic import write_synthetic_benchmark
 
     quiet = not args.verbose
     if quiet:
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         logging.basicConfig(level=logging.WARNING)
-        for name in ("sapt", "sapt.tiny", "sapt.prepare_data"):
+        for name in ("sapt", "sapt.tools.tiny", "sapt.prepare_data"):
             logging.getLogger(name).setLevel(logging.WARNING)
     write_synthetic_benchmark(workdir, seed=0)
     model = build_backbone(workdir, s)

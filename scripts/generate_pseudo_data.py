@@ -7,7 +7,7 @@
 
 import sys
 
-from sapt.pseudo_data import cli
+from sapt.tools.pseudo_data import cli
 
 if __name__ == "__main__":
     sys.exit(cli())

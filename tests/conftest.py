@@ -22,7 +22,7 @@ def _data_root() -> Path:
     integration tests run on a machine that has only the repo."""
     if RELEASE_FOUND:
         return SHARED
-    from sapt.synthetic import write_synthetic_benchmark
+    from sapt.tools.synthetic import write_synthetic_benchmark
 
     root = REPO_ROOT / ".cache" / "synthetic_benchmark"
     write_synthetic_benchmark(root)  # leaves identical files untouched: cheap, safe to repeat
@@ -36,7 +36,7 @@ if RELEASE_FOUND:  # two tasks of each benchmark that the integration tests trai
     SUPERNI_TASKS = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
     LONG_TASKS = ["sst2", "agnews"]
 else:
-    from sapt.synthetic import SYNTHETIC_ORDERS
+    from sapt.tools.synthetic import SYNTHETIC_ORDERS
 
     SUPERNI_TASKS = SYNTHETIC_ORDERS["SuperNI"][:2]
     LONG_TASKS = SYNTHETIC_ORDERS["Long_Sequence"][:2]
@@ -132,7 +132,7 @@ def sample_batch(family: str, batch: int = 3, length: int = 7, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny T5 and LLaMA folders in HF format, tokenizers trained on the benchmark text."""
-    from sapt.tiny import build_tiny_model
+    from sapt.tools.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: build_tiny_model(family, root / family, data_dir=BENCHMARK, d_model=32) for family in ("t5", "llama")}

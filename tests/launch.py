@@ -59,7 +59,7 @@ def run_task(launcher, model, family, outputs, position, per_device_batch, *extr
 def distinct_prompts(model, family) -> dict[str, int]:
     """How many different prompt token sequences each set that the runs read holds after truncation."""
     from sapt.backbone import load_tokenizer
-    from sapt.data import load_pseudo_split, load_split
+    from sapt.training.data import load_pseudo_split, load_split
 
     tokenizer = load_tokenizer(str(model), family == "t5")
     sets = {f"{task}/{split}": load_split(BENCHMARK, task, split, 3, 16) for task in TASKS for split in ("train", "dev", "test")}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sapt.aggregate import spread, t_quantile, welch
+from sapt.experiments.aggregate import spread, t_quantile, welch
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["sst2", "agnews", "wic"]  # Long Sequence names: exact match

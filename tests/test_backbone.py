@@ -276,12 +276,12 @@ def test_existing_empty_out_folder_is_filled(llama_gguf, tmp_path):
 def test_failure_while_writing_leaves_nothing(llama_gguf, tmp_path, monkeypatch):
     """The folder is staged beside `out`: an error half-way through removes the staging folder and
     never creates `out`."""
-    import sapt.fileio
+    import sapt.utils.fileio
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(sapt.fileio, "write_json_atomic", disk_full)
+    monkeypatch.setattr(sapt.utils.fileio, "write_json_atomic", disk_full)
     out = tmp_path / "model"
     with pytest.raises(OSError, match="No space left"):
         convert_gguf(out, llama_gguf[0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sapt.cl_metrics import (
+from sapt.experiments.cl_metrics import (
     ScoreError,
     average_performance,
     backward_transfer,

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import SHARED, requires_release
-from sapt.collators import Collator
-from sapt.data import DataError, carve_dev, format_prompt, load_pseudo_split, load_split
-from sapt.metrics import compute_metrics, exact_match, normalize_answer, rouge_l
+from sapt.training.collators import Collator
+from sapt.training.data import DataError, carve_dev, format_prompt, load_pseudo_split, load_split
+from sapt.training.metrics import compute_metrics, exact_match, normalize_answer, rouge_l
 
 
 def write_task(root, benchmark, task, instances, definition=("Classify it.",), split="train"):

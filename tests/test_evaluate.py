@@ -12,12 +12,12 @@ import torch
 from datasets import concatenate_datasets
 
 from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
-from sapt import evaluate
+from sapt.experiments import evaluate
 from sapt.run_files import ROUTING_KEY
 from sapt.checkpoint import load_checkpoint, load_routing_mean
-from sapt.collators import Collator
-from sapt.metrics import compute_metrics
-from sapt.prediction import load_test_sets, predict_tests
+from sapt.training.collators import Collator
+from sapt.training.metrics import compute_metrics
+from sapt.training.prediction import load_test_sets, predict_tests
 
 TASKS = SUPERNI_TASKS
 PREDICT = 6

@@ -13,7 +13,8 @@ from conftest import BACKBONES, REPO_ROOT, make_sapt, sample_batch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from sapt import evaluate, export
+from sapt.experiments import evaluate
+from sapt.tools import export
 from sapt.run_files import RESULTS_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
 from sapt.checkpoint import restore_model, save_routing_mean, save_task_artifacts
 

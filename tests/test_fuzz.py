@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import BACKBONES, make_sapt
-from sapt import interop
+from sapt.tools import interop
 from sapt.checkpoint import CheckpointError, load_checkpoint, load_routing_mean, save_routing_mean, save_task_artifacts
-from sapt.data import DataError, load_pseudo_split, load_split, read_split_file
+from sapt.training.data import DataError, load_pseudo_split, load_split, read_split_file
 
 # Fixed examples in CI (derandomized, so a run is reproducible); SAPT_FUZZ_EXAMPLES=N runs N random ones each.
 CAMPAIGN = int(os.environ.get("SAPT_FUZZ_EXAMPLES", "0"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
-from sapt import prepare_data, tiny
+from sapt.tools import prepare_data, tiny
 
 RUN = "install_check"
 SMALL = ["num_train_epochs=1", "max_train_samples=8", "max_eval_samples=4", "max_predict_samples=4"]
@@ -82,14 +82,16 @@ def inside(path: str | Path, folder: Path) -> bool:
 def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed, tmp_path):
     python, purelib = installed
     env = venv_env(python.parent.parent)
-    where = subprocess.run([str(python), "-c", "import sapt.pipeline as p; print(p.__file__)"], capture_output=True,
+    where = subprocess.run([str(python), "-c", "import sapt.experiments.pipeline as p; print(p.__file__)"], capture_output=True,
                            text=True, env=env, cwd=tmp_path, check=True).stdout.strip()
     assert inside(where, purelib) and not inside(where, REPO_ROOT), where
     assert Path(shutil.which("python", path=env["PATH"])).parent == python.parent  # the pipeline's `python`
-    packaged = purelib / "sapt" / "configs"
+    packaged = purelib / "sapt" / "experiments" / "configs"
     shipped = {str(p.relative_to(packaged)): p.read_bytes() for p in packaged.rglob("*.json")}
     assert sorted(shipped) == ["ds_configs/zero2.json", "ds_configs/zero3.json", "orders.json", "presets.json"]
     assert shipped == {name: (REPO_ROOT / "configs" / name).read_bytes() for name in shipped}
+    manifest = Path("src/sapt/tools/manifest.json")  # the release's hashes, read by `make data`
+    assert (purelib / "sapt" / "tools" / "manifest.json").read_bytes() == (REPO_ROOT / manifest).read_bytes()
 
     repo_before, site_before = files_under(REPO_ROOT), files_under(purelib)
     work = tmp_path / "work"  # an empty folder elsewhere: no --workdir, no --output

@@ -17,9 +17,9 @@ import torch
 from conftest import BACKBONES, REPO_ROOT, VOCAB
 from torch import nn
 
-from sapt import interop
+from sapt.tools import interop
 from sapt.checkpoint import CheckpointError, load_checkpoint
-from sapt.safe_pickle import UnsafePickleError, load_numpy_pickle
+from sapt.tools.safe_pickle import UnsafePickleError, load_numpy_pickle
 
 ALPHA = 16.0
 RANK = 2  # not the config default (4): the importer must read r from the tensors

@@ -10,11 +10,11 @@ from transformers import Seq2SeqTrainingArguments
 from conftest import BENCHMARK, GENERATED, SUPERNI_TASKS, make_sapt, sample_batch
 from sapt.baselines import l2_loss, orthogonality_loss, replay_memory, union
 from sapt.checkpoint import load_checkpoint
-from sapt.data import load_split
-from sapt.task_args import SaptArguments, plan
-from sapt.task_data import load_training_data
-from sapt.train_task import main, training_terms
-from sapt.trainer import SaptTrainer
+from sapt.training.data import load_split
+from sapt.training.task_args import SaptArguments, plan
+from sapt.training.task_data import load_training_data
+from sapt.training.train_task import main, training_terms
+from sapt.training.trainer import SaptTrainer
 
 TASKS = SUPERNI_TASKS
 
@@ -174,7 +174,7 @@ def test_mtl_learns_the_union_in_one_step(tiny_models, tmp_path):
 
 
 def test_joint_run_scores_ap_only(tmp_path):
-    from sapt.cl_metrics import read_run, summarize
+    from sapt.experiments.cl_metrics import read_run, summarize
 
     outputs = tmp_path / "outputs"
     final = outputs / f"2-{TASKS[1]}"

@@ -1,5 +1,5 @@
 """No pickle (SPEC 6.9): no code of the project unpickles except the restricted unpickler of
-sapt/safe_pickle.py, and every torch.load passes weights_only=True. Checked on the syntax tree of every
+sapt/tools/safe_pickle.py, and every torch.load passes weights_only=True. Checked on the syntax tree of every
 .py file of the repository (package, scripts, benchmarks, top-level scripts; tests excluded)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ PICKLE_MODULES = ("pickle", "_pickle", "cPickle", "dill", "cloudpickle")
 PICKLE_NAMES = ("load", "loads", "Unpickler", "_load", "_loads", "_Unpickler")
 FORBIDDEN = {f"{module}.{name}" for module in PICKLE_MODULES for name in PICKLE_NAMES}
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
-SAFE_PICKLE = Path("src/sapt/safe_pickle.py")
+SAFE_PICKLE = Path("src/sapt/tools/safe_pickle.py")
 SKIPPED_DIRS = {"tests", "__pycache__", "build", "dist", "logs_and_outputs", "tiny_models", "CL_Benchmark",
                 "generated_data", "node_modules", "results"}
 
@@ -104,7 +104,7 @@ def violations(source: str, relative: Path) -> list[str]:
 
 def test_the_scan_covers_the_project():
     files = {p.relative_to(REPO_ROOT) for p in project_files()}
-    assert SAFE_PICKLE in files and Path("src/sapt/interop.py") in files and Path("score.py") in files
+    assert SAFE_PICKLE in files and Path("src/sapt/tools/interop.py") in files and Path("score.py") in files
     assert not [f for f in files if f.parts[0] == "tests"]
 
 
@@ -113,7 +113,7 @@ def test_no_pickle_loading_outside_the_restricted_unpickler():
     for path in project_files():
         relative = path.relative_to(REPO_ROOT)
         problems += violations(path.read_text(encoding="utf-8"), relative)
-    assert not problems, "unpickling outside sapt/safe_pickle.py's restricted loader:\n" + "\n".join(problems)
+    assert not problems, "unpickling outside sapt/tools/safe_pickle.py's restricted loader:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 import sapt
 from conftest import BENCHMARK, GENERATED, REPO_ROOT
 from sapt.config import METHODS
-from sapt.pipeline import main as pipeline_main
-from sapt.task_args import RELEASE_DEFAULTS, SaptArguments
+from sapt.experiments.pipeline import main as pipeline_main
+from sapt.training.task_args import RELEASE_DEFAULTS, SaptArguments
 
 GENERATORS = ["superni_t5", "long_t5", "superni_llama", "long_llama"]
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from conftest import BENCHMARK, GENERATED, RELEASE_FOUND, SUPERNI_TASKS
 from sapt.backbone import load_tokenizer
 from sapt.checkpoint import load_checkpoint, load_routing_mean
-from sapt.collators import Collator
-from sapt.data import carve_dev, load_split
-from sapt.pipeline import main as pipeline_main
-from sapt.synthetic import SYNTHETIC_ORDERS
-from sapt.train_task import main as train_task_main
+from sapt.training.collators import Collator
+from sapt.training.data import carve_dev, load_split
+from sapt.experiments.pipeline import main as pipeline_main
+from sapt.tools.synthetic import SYNTHETIC_ORDERS
+from sapt.training.train_task import main as train_task_main
 
 # The first two tasks of the quick long_t5 pipeline (order 4 of the release, or the synthetic order).
 LONG_TASKS = ["mnli", "cb"] if RELEASE_FOUND else SYNTHETIC_ORDERS["Long_Sequence"][:2]

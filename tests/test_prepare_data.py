@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, SHARED, requires_release
-from sapt import prepare_data
-from sapt.data import load_pseudo_split, load_split
-from sapt.prepare_data import (
+from sapt.tools import prepare_data
+from sapt.training.data import load_pseudo_split, load_split
+from sapt.tools.prepare_data import (
     build_manifest,
     dump_manifest,
     fill_tree,
@@ -20,7 +20,7 @@ from sapt.prepare_data import (
     trainable_tasks,
     verify_tree,
 )
-from sapt.synthetic import write_synthetic_benchmark
+from sapt.tools.synthetic import write_synthetic_benchmark
 
 # The files ../shared lacks (README of shared/): the release's files of 4 MiB and more.
 KNOWN_MISSING = sorted(

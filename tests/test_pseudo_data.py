@@ -15,8 +15,8 @@ import torch
 from conftest import BENCHMARK, REPO_ROOT, SUPERNI_TASKS
 
 from sapt.backbone import load_backbone, load_tokenizer
-from sapt.data import SPLITS, load_pseudo_split, read_split_file
-from sapt.pseudo_data import (
+from sapt.training.data import SPLITS, load_pseudo_split, read_split_file
+from sapt.tools.pseudo_data import (
     INP_TOKEN,
     GeneratorSettings,
     build_generator,
@@ -29,7 +29,7 @@ from sapt.pseudo_data import (
     split_sample,
     train_generator,
 )
-from sapt.tiny import build_tiny_model
+from sapt.tools.tiny import build_tiny_model
 
 TASK = SUPERNI_TASKS[0]
 # Tiny random models need a far larger step than the release's 1e-3 to learn in ~100 steps.

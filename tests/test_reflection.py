@@ -6,7 +6,7 @@ from datasets import Dataset
 
 from conftest import make_sapt
 from sapt.reflection import AttentiveReflection, arm_target, window_rows
-from sapt.trainer import StepPosition
+from sapt.training.trainer import StepPosition
 
 
 def test_target_pads_newer_tasks_with_zeros():

@@ -22,12 +22,12 @@ from datasets import Dataset
 from torch.utils.data import RandomSampler
 from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
-from sapt.collators import Collator
+from sapt.training.collators import Collator
 from sapt.model import IGNORE_INDEX
-from sapt.pipeline import main as pipeline_main
+from sapt.experiments.pipeline import main as pipeline_main
 from sapt.reflection import AttentiveReflection
-from sapt.release_exact import ReleaseSwitches, resolve_switches
-from sapt.release_training import (
+from sapt.training.release_exact import ReleaseSwitches, resolve_switches
+from sapt.training.release_training import (
     ReleaseEvaluation,
     ReleaseMode,
     ReleaseStream,
@@ -36,9 +36,9 @@ from sapt.release_training import (
     release_cross_entropy,
     release_schedule,
 )
-from sapt.release_stepping import PerBackwardStepping
-from sapt.trainer import KeepBestTrainable, SaptTrainer, StepPosition, trainable_tensors
-from sapt.cli import UsageError
+from sapt.training.release_stepping import PerBackwardStepping
+from sapt.training.trainer import KeepBestTrainable, SaptTrainer, StepPosition, trainable_tensors
+from sapt.utils.cli import UsageError
 
 LLAMA_PAD, LLAMA_BOS = 3, 1  # the conftest LLaMA's ids
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
-from sapt.pipeline import main as pipeline_main
+from sapt.experiments.pipeline import main as pipeline_main
 
 
 def write_pipeline(workdir: Path) -> Path:
@@ -107,7 +107,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
 
 
 def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
-    from sapt.resume import latest_complete_checkpoint
+    from sapt.training.resume import latest_complete_checkpoint
 
     for step, complete in ((2, True), (4, True), (6, False)):
         folder = tmp_path / f"checkpoint-{step}"

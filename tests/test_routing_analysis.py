@@ -1,4 +1,4 @@
-"""Routing accuracy (sapt.routing_analysis) and its report in score.py, on small folders written here."""
+"""Routing accuracy (sapt.experiments.routing_analysis) and its report in score.py, on small folders written here."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sapt.cl_metrics import ScoreError
-from sapt.routing_analysis import EVALUATION_FILE, NOT_STORED, evaluation_name, routing_accuracy
+from sapt.experiments.cl_metrics import ScoreError
+from sapt.experiments.routing_analysis import EVALUATION_FILE, NOT_STORED, evaluation_name, routing_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["sst2", "agnews"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sapt.state_files import StateFileError, load_state, save_state
+from sapt.utils.state_files import StateFileError, load_state, save_state
 
 
 def test_adamw_and_scheduler_state_round_trip_and_continue_identically(tmp_path):

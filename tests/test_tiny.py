@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from sapt import tiny
-from sapt.tiny import SETTINGS_FILE, build_tiny_model
+from sapt.tools import tiny
+from sapt.tools.tiny import SETTINGS_FILE, build_tiny_model
 
 AUTO_MODEL = {"t5": AutoModelForSeq2SeqLM, "llama": AutoModelForCausalLM}
 SPECIAL_IDS = {
@@ -171,7 +171,7 @@ def test_refuses_to_replace_foreign_directory(tmp_path):
 
 
 def test_builtin_corpus_fallback(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="sapt.tiny"):
+    with caplog.at_level(logging.WARNING, logger="sapt.tools.tiny"):
         out = _small("t5", tmp_path / "m", data_dir=tmp_path / "missing")
     assert "built-in corpus" in caplog.text
     assert json.loads((out / SETTINGS_FILE).read_text())["settings"]["corpus"] == "builtin"

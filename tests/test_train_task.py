@@ -82,7 +82,7 @@ def test_user_mistakes_get_one_line_and_exit_2(tiny_models, tmp_path):
 
 
 def test_bf16_training_runs_on_the_cpu(tiny_models, tmp_path):
-    from sapt.train_task import main
+    from sapt.training.train_task import main
 
     task = TASKS[0]
     argv = [

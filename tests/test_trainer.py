@@ -13,7 +13,7 @@ from conftest import VOCAB, make_sapt
 from sapt.baselines import l2_loss
 from sapt.layer import SaptLinear
 from sapt.model import IGNORE_INDEX
-from sapt.trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, trainable_tensors
+from sapt.training.trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, trainable_tensors
 
 PAD = {"t5": 0, "llama": 3}  # the conftest backbones' pad ids
 # Label tokens of five examples: powers of two, so any two micro-batches hold different counts and the

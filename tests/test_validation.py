@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO_ROOT
-from sapt import pipeline
-from sapt.train_task import main
+from sapt.experiments import pipeline
+from sapt.training.train_task import main
 
 TASKS = ["task1_a", "task2_b", "task3_c"]
 ORDER = ",".join(TASKS)

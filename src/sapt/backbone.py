@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from .cli import OneLineArgumentParser, first_line, report_error
+from .utils.cli import OneLineArgumentParser, first_line, report_error
 
 logger = logging.getLogger("sapt")
 
@@ -157,7 +157,7 @@ def _write_converted(out: Path, fresh, tokenizer, path: Path, facts: dict) -> No
     """Save the converted folder beside `out` with its source record, then rename it into place."""
     from transformers import __version__ as transformers_version
 
-    from .fileio import write_json_atomic
+    from .utils.fileio import write_json_atomic
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -184,7 +184,7 @@ def _write_converted(out: Path, fresh, tokenizer, path: Path, facts: dict) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logs import setup_cli_logging
+    from .utils.logs import setup_cli_logging
 
     parser = OneLineArgumentParser(prog="python -m sapt.backbone", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

@@ -21,11 +21,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .backbone import load_backbone
-from .cli import first_line
 from .config import CONFIG_NAME, SaptConfig
-from .fileio import read_json, save_tensors_atomic, write_json_atomic
 from .model import SaptModel
-from .zero3 import gathered
+from .utils.cli import first_line
+from .utils.fileio import read_json, save_tensors_atomic, write_json_atomic
+from .utils.zero3 import gathered
 
 BLOCK_FILE = "block.safetensors"
 ROUTER_FILE = "router.safetensors"

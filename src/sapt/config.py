@@ -153,7 +153,7 @@ class SaptConfig:
         )
 
     def save(self, directory: str | Path) -> None:
-        from .fileio import write_json_atomic
+        from .utils.fileio import write_json_atomic
 
         write_json_atomic(Path(directory) / CONFIG_NAME, self.to_dict())
 

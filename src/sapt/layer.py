@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zero3 import gathered
+from .utils.zero3 import gathered
 
 
 class RoutingState:

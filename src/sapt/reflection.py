@@ -76,7 +76,7 @@ class AttentiveReflection:
         self, pseudo_sets, routing_means: list[list[float]], collator, batch_size: int, num_blocks: int, *,
         rows=None, pool_all: bool = False, autocast_dtype: torch.dtype | None = None, first_step: int = 0,
     ):
-        """Release-exact options (sapt.release_training): `rows(task, position)` picks each pseudo batch's
+        """Release-exact options (sapt.training.release_training): `rows(task, position)` picks each pseudo batch's
         rows instead of the step's window; `pool_all` max-pools over every position (padding too);
         `autocast_dtype` computes the KL under autocast against a target of that dtype; no term before
         optimizer step `first_step`."""

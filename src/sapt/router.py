@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .zero3 import gathered
+from .utils.zero3 import gathered
 
 
 def max_pool(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -40,7 +40,7 @@ class Router(nn.Module):
 
     def init_query_net_normal(self, std: float, generator: torch.Generator | None = None) -> None:
         """Redraw the two linear layers from N(0, std), drawn on the CPU (the LayerNorm keeps its init):
-        the release's LLaMA init applied the backbone's `_init_weights` to them (sapt.release_exact)."""
+        the release's LLaMA init applied the backbone's `_init_weights` to them (sapt.training.release_exact)."""
         with torch.no_grad():
             for linear in (self.query_net[0], self.query_net[1]):
                 drawn = torch.empty(linear.weight.shape).normal_(0.0, std, generator=generator)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import write_json_atomic
+from ..utils.fileio import write_json_atomic
 
 STEPPING_FILE = "release_stepping.json"
 

@@ -2,7 +2,7 @@
 
 `plan(args)` is the one place that says what a step reads: which splits of which tasks (by method and
 protocol), whether it builds on the preceding task's folder, and which pseudo sets ARM takes. The
-pre-flight checks (sapt.validation) check that list; the run (sapt.train_task) loads it.
+pre-flight checks (sapt.training.validation) check that list; the run (sapt.train_task) loads it.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .cli import UsageError, first_line
-from .config import METHODS
+from ..config import METHODS
+from ..utils.cli import UsageError, first_line
 
 # The release's training settings that differ from the Trainer's defaults (SPEC 4).
 RELEASE_DEFAULTS = {
@@ -77,7 +77,7 @@ class SaptArguments:
     eval_every_epochs: int | None = field(
         default=None, metadata={"help": "Evaluate on dev (and save, if saving is on) every N epochs, as the release."}
     )
-    # Release-exact mode: the switches and what each does are in sapt.release_exact.ReleaseSwitches.
+    # Release-exact mode: the switches and what each does are in sapt.training.release_exact.ReleaseSwitches.
     release_exact: bool = field(
         default=False,
         metadata={"help": "Train as the official release's code did: every release behaviour of this backbone's "
@@ -85,7 +85,7 @@ class SaptArguments:
     )
     release_behaviours: str | None = field(
         default=None,
-        metadata={"help": "Release behaviours one by one, comma-separated (names in sapt.release_exact); "
+        metadata={"help": "Release behaviours one by one, comma-separated (names in sapt.training.release_exact); "
                           "'-name' removes one from --release_exact."},
     )
     release_processes: int = field(

@@ -1,5 +1,5 @@
 """SaptTrainer: the stock Trainer plus the ARM loss, a router learning rate, generation for
-evaluation, and light checkpoints holding only what trains (sapt.resume); the callbacks a task step
+evaluation, and light checkpoints holding only what trains (sapt.training.resume); the callbacks a task step
 adds to it (model selection on dev, evaluation every n epochs, stopping on a signal)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
-from .fileio import save_tensors_atomic, write_json_atomic
-from .model import IGNORE_INDEX
+from ..model import IGNORE_INDEX
+from ..utils.fileio import save_tensors_atomic, write_json_atomic
 from .resume import PickleFreeCheckpoints, load_trainable_tensors, trainable_tensors
 
 BEST_FILE = "best_trainable.safetensors"
@@ -54,7 +54,7 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        # Release-exact training (sapt.release_training.ReleaseTraining): its micro-batch stream, its
+        # Release-exact training (sapt.training.release_training.ReleaseTraining): its micro-batch stream, its
         # cross-entropy and its per-backward optimizer stepping; None trains the method as described.
         self.release = release
         self.generation_collator = generation_collator
@@ -116,7 +116,7 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         return self._stepping.training_step(self, model, inputs, num_items_in_batch)
 
     def get_train_dataloader(self):
-        """The release's stream of micro-batches when release-exact training gives one (sapt.release_training)."""
+        """The release's stream of micro-batches when release-exact training gives one (sapt.training.release_training)."""
         if self.release is None or self.release.train_batches is None:
             return super().get_train_dataloader()
         loader = DataLoader(

@@ -3,8 +3,8 @@
 A user mistake (a missing file, a malformed split, an earlier task made with other settings, missing
 pseudo data, a bad argument) must end in one line that names the file or the argument, exit status 2,
 and no partial output, and it must cost seconds, not a training run. `validate_task_inputs` runs at the
-start of `sapt.train_task.run`: it loads every input the step's plan lists (sapt.task_args.TaskPlan),
-with the loaders the run uses (sapt.task_data), checks the earlier task's folder, and looks at the
+start of `sapt.train_task.run`: it loads every input the step's plan lists (sapt.training.task_args.TaskPlan),
+with the loaders the run uses (sapt.training.task_data), checks the earlier task's folder, and looks at the
 backbone's config (not its weights).
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import BLOCK_FILE, ROUTER_FILE, CheckpointError, block_folders, load_config
-from .run_files import COMPLETE_FILE
-from .cli import UsageError, first_line
-from .config import default_target_modules
+from ..checkpoint import BLOCK_FILE, ROUTER_FILE, CheckpointError, block_folders, load_config
+from ..config import default_target_modules
+from ..run_files import COMPLETE_FILE
+from ..utils.cli import UsageError, first_line
 from .data import BENCHMARKS, DataError, find_task
 from .release_exact import check_release_arguments
 from .task_args import TaskPlan
@@ -93,7 +93,7 @@ def _check_backbone_fits(name_or_path: str, config, target_modules: str | None) 
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.models.auto.auto_factory import _get_model_class
 
-    from .model import target_linears
+    from ..model import target_linears
 
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):

@@ -21,13 +21,13 @@ import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .run_files import COMPLETE_FILE
-from .cli import OneLineArgumentParser
-from .config import METHODS
-from .data import DataError, find_task
-from .fileio import write_json_atomic, write_text_atomic
-from .release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
-from .task_args import check_task_overrides
+from ..config import METHODS
+from ..run_files import COMPLETE_FILE
+from ..training.data import DataError, find_task
+from ..training.release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
+from ..training.task_args import check_task_overrides
+from ..utils.cli import OneLineArgumentParser
+from ..utils.fileio import write_json_atomic, write_text_atomic
 
 # Presets, task orders and DeepSpeed configs are package data (the checkout's top-level configs/ links here).
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -78,7 +78,7 @@ class Experiment:
     single_run: str | None = None
     workdir: str = field(default_factory=os.getcwd)  # absolute; the pipeline cds there
     extra: dict = field(default_factory=dict)
-    release_exact: bool = False  # --release_exact: train as the release's code did (sapt.release_exact)
+    release_exact: bool = False  # --release_exact: train as the release's code did (sapt.training.release_exact)
     release_behaviours: str | None = None  # --release_behaviours: some of its behaviours
 
     @property
@@ -240,7 +240,7 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
                         help="Train as the official release's code did (docs/release_exact.md); LLaMA tasks then run "
                              "in one process standing for the release's GPUs.")
     parser.add_argument("--release_behaviours", default=None, metavar="A,B,-C",
-                        help="Some of the release's behaviours (names in sapt.release_exact; '-name' removes one "
+                        help="Some of the release's behaviours (names in sapt.training.release_exact; '-name' removes one "
                              "from --release_exact).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override any train_task argument.")
     parser.add_argument("--output", default=None,

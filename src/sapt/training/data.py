@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .fileio import read_json
+from ..utils.fileio import read_json
 
 if TYPE_CHECKING:
     from datasets import Dataset

@@ -1,7 +1,7 @@
-"""The data of one task step, read as its plan (sapt.task_args.TaskPlan) lists it: training and dev sets
+"""The data of one task step, read as its plan (sapt.training.task_args.TaskPlan) lists it: training and dev sets
 by method and protocol, the test sets of every task learned so far, ARM's pseudo sets and targets ā.
 
-The pre-flight checks (sapt.validation) call these same functions before any model is loaded, so a bad
+The pre-flight checks (sapt.training.validation) call these same functions before any model is loaded, so a bad
 file ends the step in one line naming it; the run (sapt.train_task) calls them again to train.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 from datasets import concatenate_datasets
 
-from .baselines import replay_memory, union
-from .checkpoint import ROUTING_MEAN_FILE, CheckpointError, load_routing_mean
-from .cli import UsageError
+from ..baselines import replay_memory, union
+from ..checkpoint import ROUTING_MEAN_FILE, CheckpointError, load_routing_mean
+from ..utils.cli import UsageError
 from .data import BENCHMARKS, DataError, carve_dev, find_task, load_pseudo_split, load_split
 from .task_args import SaptArguments, TaskPlan
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .run_files import RESULTS_FILE, TASK_ORDER_FILE
+from ..run_files import RESULTS_FILE, TASK_ORDER_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -12,17 +12,17 @@ its micro-batch is theirs put together, its cross-entropy the mean of their per-
 ARM's pseudo batch the per-process share (every release process drew the same pseudo rows).
 
 This module holds the switches, the checks of their arguments, the release's step budgets (Long/LLaMA)
-and what the generators write for them; sapt.release_training holds what a task step does with them
+and what the generators write for them; sapt.training.release_training holds what a task step does with them
 (its training-step count and evaluation schedule, its stream of micro-batches, its cross-entropy and
 its pseudo-row sampler, gathered in ReleaseMode); the per-backward optimizer stepping is in
-sapt.release_stepping.
+sapt.training.release_stepping.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .cli import UsageError
+from ..utils.cli import UsageError
 
 DECODER_ONLY, EVERY_FAMILY = "decoder-only (LLaMA)", "every family"
 
@@ -139,7 +139,7 @@ def step_budget(benchmark: str, is_encoder_decoder: bool, task: str, position: i
     return LONG_LLAMA_STEP_BUDGETS.get(task)
 
 
-# ---- checks of a task step's arguments (sapt.validation) ----------------------------------------------
+# ---- checks of a task step's arguments (sapt.training.validation) ----------------------------------------------
 def check_release_arguments(args, training_args, is_encoder_decoder: bool) -> None:
     """Release-exact arguments this task can honour; raises ReleaseArgumentError (a UsageError)."""
     switches = resolve_switches(args.release_exact, args.release_behaviours, is_encoder_decoder)
@@ -160,7 +160,7 @@ def check_release_arguments(args, training_args, is_encoder_decoder: bool) -> No
         )
 
 
-# ---- the generators (sapt.pipeline) -----------------------------------------------------------------
+# ---- the generators (sapt.experiments.pipeline) -----------------------------------------------------------------
 def generator_switches(settings: dict, release_exact: bool, behaviours: str | None) -> ReleaseSwitches:
     """The switches of a preset's pipeline (`settings`: the preset, with --quick applied)."""
     return resolve_switches(release_exact, behaviours, is_encoder_decoder=settings["family"] == "t5")

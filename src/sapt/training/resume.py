@@ -3,7 +3,7 @@
 The stock Trainer writes its checkpoints with torch.save (pickle) and holds the whole model in them.
 `PickleFreeCheckpoints` overrides the Trainer's private save/load hooks so that a checkpoint holds
 only the trainable tensors (safetensors), the optimizer, scheduler, loss scaler and random-generator
-states (sapt.state_files: safetensors + JSON), and the state of the parts that must survive a resume
+states (sapt.utils.state_files: safetensors + JSON), and the state of the parts that must survive a resume
 (model selection, the release's stepping). These hooks are transformers' internals (`_save`,
 `_load_from_checkpoint`, `_save_optimizer_and_scheduler`, ...): this file is where an upgrade of
 transformers must look.
@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .fileio import save_tensors_atomic
-from .state_files import load_state, save_state, state_exists
-from .zero3 import gathered
+from ..utils.fileio import save_tensors_atomic
+from ..utils.state_files import load_state, save_state, state_exists
+from ..utils.zero3 import gathered
 
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_STATE, SCHEDULER_STATE, SCALER_STATE, RNG_STATE = "optimizer", "scheduler", "scaler", "rng_state"
@@ -71,7 +71,7 @@ class PickleFreeCheckpoints:
         if self.writes_checkpoints:  # also when a callback (a signal, an epoch) asks for one
             super()._save_checkpoint(model, trial)
 
-    # The Trainer would torch.save (pickle) these; here they are safetensors + JSON (sapt.state_files).
+    # The Trainer would torch.save (pickle) these; here they are safetensors + JSON (sapt.utils.state_files).
     def _save_optimizer_and_scheduler(self, output_dir):
         if self.args.should_save:
             save_state(Path(output_dir) / OPTIMIZER_STATE, self.optimizer.state_dict())

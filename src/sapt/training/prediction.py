@@ -14,12 +14,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .run_files import PREDICTIONS_DIR, ROUTING_KEY
+from ..model import SaptModel
+from ..run_files import PREDICTIONS_DIR, ROUTING_KEY
+from ..utils.fileio import write_jsonl_atomic
 from .collators import Collator
 from .data import load_split
-from .fileio import write_jsonl_atomic
 from .metrics import compute_metrics
-from .model import SaptModel
 
 logger = logging.getLogger("sapt")
 

@@ -1,8 +1,8 @@
-"""Release-exact training: what a task step does with the switches of sapt.release_exact.
+"""Release-exact training: what a task step does with the switches of sapt.training.release_exact.
 
 The release's training-step count and evaluation schedule, its stream of micro-batches, its
 cross-entropy and its pseudo-row sampler; `ReleaseMode` gathers them for sapt.train_task (and the
-tokenisation for sapt.evaluate). The per-backward optimizer stepping is in sapt.release_stepping.
+tokenisation for sapt.evaluate). The per-backward optimizer stepping is in sapt.training.release_stepping.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-from .model import IGNORE_INDEX
+from ..model import IGNORE_INDEX
 from .release_exact import ReleaseArgumentError, ReleaseSwitches, resolve_switches
 
 logger = logging.getLogger("sapt")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import IGNORE_INDEX
+from ..model import IGNORE_INDEX
 
 
 def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -26,7 +26,7 @@ class Collator:
     """`for_generation=False`: input_ids, attention_mask, labels.
     `for_generation=True`: the prompt alone, plus `example_index` to find each example's reference.
 
-    The last three fields reproduce the release's LLaMA collator (sapt.release_training): prompts without
+    The last three fields reproduce the release's LLaMA collator (sapt.training.release_training): prompts without
     the tokenizer's special tokens (no BOS), padding with another id (the release's: BOS), and labels
     cut after EOS is appended (EOS lost for labels of max_target_length tokens or more)."""
 

@@ -5,7 +5,7 @@ Routing accuracy, row i (the model after task i), column j (a task seen by then)
 task j's test inputs whose largest routing weight is on block j, strictly larger than every other
 block's (a tie is not a hit). Blocks are numbered like the tasks (SAPT adds one per task, in order),
 and each test record of `<i>-<task>/predictions/<task_j>.jsonl` holds its input's weights, oldest
-block first (sapt.checkpoint.ROUTING_KEY). Runs written before those weights were stored, and methods
+block first (sapt.run_files.ROUTING_KEY). Runs written before those weights were stored, and methods
 without a router, have none: their routing accuracy is "not stored".
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..run_files import PREDICTIONS_DIR, ROUTING_KEY
 from .cl_metrics import ScoreError
-from .run_files import PREDICTIONS_DIR, ROUTING_KEY
 
 # What each routing of sapt.evaluate means, as printed in every report of its results.
 ROUTINGS = {

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .data import BENCHMARKS
-from .fileio import write_bytes_if_changed
+from ..training.data import BENCHMARKS
+from ..utils.fileio import write_bytes_if_changed
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .run_files import TASK_ARGS_FILE
+from ..config import CONFIG_NAME
+from ..run_files import TASK_ARGS_FILE
+from ..utils.fileio import read_json
 from .cl_metrics import ScoreError, align_single_scores, read_run, summarize
-from .config import CONFIG_NAME
-from .fileio import read_json
 
 CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05  # p below this: the difference exceeds the seeds' spread

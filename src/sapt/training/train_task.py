@@ -1,0 +1,363 @@
+"""Train and evaluate one task of a continual-learning sequence (SPEC 2.3).
+
+First task of an order, then the next one on top of it:
+
+    python -m sapt.train_task --model_name_or_path tiny_models/t5 --data_dir ../shared/CL_Benchmark \\
+        --task_order task363_sst2_polarity_classification,task875_emotion_classification \\
+        --task task363_sst2_polarity_classification --output_dir logs_and_outputs/demo/outputs/1-task363_sst2_polarity_classification
+    python -m sapt.train_task ... --task task875_emotion_classification \\
+        --previous_task_dir logs_and_outputs/demo/outputs/1-task363_sst2_polarity_classification \\
+        --gen_data_dir ../shared/generated_data/lora_gen_superni_t5 \\
+        --output_dir logs_and_outputs/demo/outputs/2-task875_emotion_classification
+
+Any `Seq2SeqTrainingArguments` flag works too (learning rate, epochs, batch size, bf16, ...).
+Writes into --output_dir the task's artifacts (see sapt.checkpoint), `all_results.json`,
+`predictions/<task>.jsonl` for every task seen so far, and `task_order.txt` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
+
+from ..backbone import load_backbone, load_tokenizer
+from ..baselines import l2_loss, orthogonality_loss
+from ..checkpoint import (
+    CheckpointError,
+    block_folders,
+    load_config,
+    restore_model,
+    save_routing_mean,
+    save_task_artifacts,
+)
+from ..config import INIT_SCHEME, SaptConfig, release_temperature
+from ..model import SaptModel
+from ..reflection import AttentiveReflection, mean_routing
+from ..run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
+from ..utils.cli import UsageError, report_error
+from ..utils.fileio import write_json_atomic, write_text_atomic
+from ..utils.logs import setup_cli_logging
+from ..utils.zero3 import init_deepspeed_comm, is_split
+from .collators import Collator
+from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of
+from .metrics import compute_metrics
+from .prediction import TestPredictions, decode, generation_settings, predict_tests, write_predictions
+from .release_training import ReleaseMode
+from .resume import latest_complete_checkpoint, remove_checkpoints
+from .task_args import SaptArguments, TaskPlan, launch_defaults, parse_task_arguments, plan, task_args_record
+from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
+from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, StopOnSignal
+from .validation import validate_task_inputs
+
+logger = logging.getLogger("sapt")
+
+PROG = "sapt.train_task"
+
+
+@dataclass
+class TaskStep:
+    """One task step once set up: what training, saving and evaluating share."""
+
+    args: SaptArguments
+    training_args: Seq2SeqTrainingArguments
+    plan: TaskPlan
+    output_dir: Path
+    metric: str  # the dev metric that selects the model (the benchmark's)
+    tokenizer: object
+    model: SaptModel
+    earlier_dirs: list[Path]  # folders of the earlier tasks' blocks (oldest first), for the lineage
+    dev: object  # the dev set: model selection, and ā over its inputs
+    tests: dict  # task -> test set, for every task learned so far
+    generation_collator: Collator
+    trainer: SaptTrainer
+    selection: KeepBestTrainable
+    evaluates: bool  # the Trainer evaluates on dev (then a last evaluation closes training)
+
+
+# ---- the recipe -----------------------------------------------------------------------------------
+def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
+    """Check, set up, train, save, evaluate and record one task step; returns all_results.json's content."""
+    task_plan = plan(args)
+    validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
+    output_dir = Path(training_args.output_dir)
+    if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
+        logger.info("%s is complete; nothing to do", output_dir)
+        return json.loads((output_dir / RESULTS_FILE).read_text())
+    step = set_up(args, training_args, task_plan)
+    train_metrics = train(step)
+    save(step)
+    results, predictions = evaluate(step)
+    record(step, results, predictions, train_metrics)
+    return results
+
+
+# ---- set up ---------------------------------------------------------------------------------------
+def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_plan: TaskPlan) -> TaskStep:
+    """Seed; the model ready for this task; its data, loss terms, and a Trainer selecting on dev."""
+    metric = METRIC_OF_BENCHMARK[benchmark_of(args.data_dir, args.task)]
+    set_seed(training_args.seed)
+    tokenizer, model, earlier_dirs, release = load_model(args, training_args, task_plan)
+    train_set, dev, tests = load_training_data(args, task_plan, training_args.seed)
+    lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
+    tokenization = release.collator_options(tokenizer)
+    is_encoder_decoder = model.sapt_config.is_encoder_decoder
+    train_collator = Collator(tokenizer, is_encoder_decoder, **lengths, **tokenization)
+    generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True, **tokenization)
+    terms = training_terms(
+        args, model, task_plan, earlier_dirs, train_collator if release.switches.pseudo_rows else generation_collator,
+        training_args.per_device_train_batch_size, training_args.seed, release if release.switches.any else None,
+        training_args.bf16,
+    )
+    release_training, release_evaluation = release.training(training_args, len(train_set))
+    trainer = SaptTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=dev,
+        data_collator=train_collator,
+        generation_collator=generation_collator,
+        compute_metrics=dev_scorer(tokenizer, list(dev["target"])),
+        regularizers=terms,
+        router_learning_rate=args.router_learning_rate,
+        generation_kwargs=generation_settings(training_args.generation_max_length, training_args.generation_num_beams),
+        release=release_training,
+    )
+    selection, evaluates = add_model_selection(trainer, args, metric, release_evaluation)
+    return TaskStep(
+        args, training_args, task_plan, Path(training_args.output_dir), metric, tokenizer, model, earlier_dirs,
+        dev, tests, generation_collator, trainer, selection, evaluates,
+    )
+
+
+def load_model(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_plan: TaskPlan):
+    """(tokenizer, model ready to learn this task, earlier blocks' folders, release-exact mode)."""
+    hf_config = AutoConfig.from_pretrained(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
+    release = ReleaseMode.from_arguments(args, bool(hf_config.is_encoder_decoder))  # all off by default
+    release.apply_to_arguments(args)
+    init_deepspeed_comm(training_args)  # before loading: ZeRO-3 partitions the backbone as it loads
+    backbone = load_backbone(args.model_name_or_path)
+    model, earlier_dirs = build_model(args, backbone, task_plan, training_args.seed)
+    if not task_plan.continues:  # a new router (later tasks carry the query network over)
+        release.init_query_net(model, hf_config, training_args.seed)
+    logger.info(
+        "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
+        len(task_plan.order), args.task, model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()),
+    )
+    return tokenizer, model, earlier_dirs, release
+
+
+def build_model(args: SaptArguments, backbone, task_plan: TaskPlan, seed: int) -> tuple[SaptModel, list[Path]]:
+    """The model ready to learn this step's task(s), and the folders of the earlier tasks' blocks.
+    The new task's block and key are drawn from a stream of (seed, position) of their own."""
+    is_encoder_decoder = bool(backbone.config.is_encoder_decoder)
+    wanted = SaptConfig.for_backbone(
+        backbone,
+        args.model_name_or_path,
+        target_modules=args.target_modules.split(",") if args.target_modules else [],
+        r=args.lora_r,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        query_dim=args.query_dim,
+        temperature=release_temperature(args.attn_temperature, is_encoder_decoder),
+        pool_padding=args.pool_padding,
+        method=args.method,
+    )
+    previous = task_plan.previous_folder()
+    if previous is None:
+        model = SaptModel(backbone, wanted)
+        model.add_task(*task_plan.training_tasks, seed=seed)  # mtl: one block for all its tasks
+        return model, []
+    found = load_config(previous)  # checked against this run by validate_task_inputs
+    model = restore_model(backbone, previous, found)
+    earlier_dirs = block_folders(previous, found) if found.block_per_task else []
+    if found.init_scheme < INIT_SCHEME:
+        logger.warning(
+            "%s: its blocks and keys were initialised with scheme %d (every task drew the same values); "
+            "this task draws its own, but the folder keeps saying %d", previous, found.init_scheme, found.init_scheme,
+        )
+    model.add_task(args.task, seed=seed)
+    return model, earlier_dirs
+
+
+def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed, release=None, bf16=False):
+    """The weighted loss terms added to CE for this method, each called as term(model, StepPosition)."""
+    if args.method == "o_lora":  # terms of the parameters alone: the step position does not matter
+        return [
+            (args.orthogonal_weight, lambda model, _: orthogonality_loss(model)),
+            (args.l2_weight, lambda model, _: l2_loss(model)),
+        ]
+    pseudo = load_pseudo_sets(args, task_plan, seed)
+    if not pseudo:  # no ARM in this step (see sapt.training.task_args.reflects)
+        return []
+    means = load_arm_targets(task_plan, earlier_dirs)
+    if release is None:
+        reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks)
+        return [(args.kl_ratio, reflection.loss)]
+    batch_size = release.arm_batch_size(batch_size)
+    options = release.reflection_options([len(rows) for rows in pseudo], batch_size, seed, bf16)
+    reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks, **options)
+    if release.switches.per_backward_steps:  # the release backpropagates each earlier task's KL alone
+        return [(args.kl_ratio, term) for term in reflection.task_terms()]
+    return [(args.kl_ratio, reflection.loss)]
+
+
+def dev_scorer(tokenizer, dev_references: list[str]):
+    """compute_metrics for the Trainer's dev evaluation: generations decoded, matched back by index."""
+
+    def dev_metrics(prediction) -> dict:
+        texts = decode(tokenizer, prediction.predictions)
+        references = [dev_references[i] for i in prediction.label_ids.reshape(-1)]
+        return compute_metrics(texts, references)
+
+    return dev_metrics
+
+
+def add_model_selection(trainer: SaptTrainer, args: SaptArguments, metric: str, release_evaluation):
+    """Keep the best-on-dev weights, at the points the set-up evaluates. Returns (the selection, whether
+    the Trainer's own evaluation is on)."""
+    selection = KeepBestTrainable(trainer.model, metric)
+    trainer.add_callback(selection)
+    trainer.checkpoint_parts.append(selection)  # the best-on-dev snapshot survives a resume
+    training_args = trainer.args
+    if release_evaluation is not None:  # the release's points only, and no final evaluation
+        trainer.add_callback(release_evaluation)
+    elif args.eval_every_epochs:
+        # save_strategy as the trainer left it (it turns checkpoints off under DeepSpeed)
+        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
+    evaluates = release_evaluation is None and (training_args.eval_strategy != "no" or bool(args.eval_every_epochs))
+    return selection, evaluates
+
+
+# ---- train ----------------------------------------------------------------------------------------
+def train(step: TaskStep) -> dict:
+    """Train (resuming an interrupted run of this task), then put the best-on-dev weights back and
+    freeze them. Returns the Trainer's training statistics."""
+    trainer, selection = step.trainer, step.selection
+    resume = step.training_args.resume_from_checkpoint
+    if resume is None:
+        resume = latest_complete_checkpoint(step.output_dir)  # an interrupted run of this task continues
+    if resume:
+        logger.info("resuming %s from %s", step.args.task, resume)
+    stop = StopOnSignal(save=trainer.writes_checkpoints)
+    trainer.add_callback(stop)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        signal_name = signal.Signals(stop.received).name
+        raise Interrupted(
+            f"{step.output_dir}: interrupted by {signal_name} at step {trainer.state.global_step}; "
+            + ("a checkpoint was saved: run the same command again to continue" if stop.save
+               else "no checkpoint is kept in this set-up: the same command restarts this task"),
+            128 + stop.received,
+        )
+    log_zero3_split(step.model, trainer.args.world_size)
+    if step.evaluates and selection.last_eval_step != trainer.state.global_step:
+        trainer.evaluate()
+    selection.restore()
+    step.model.freeze_current_task()
+    return train_result.metrics
+
+
+def log_zero3_split(model: SaptModel, world_size: int) -> None:
+    """Which tensors ZeRO-3 really splits (the rest it keeps whole on every process)."""
+    split = [name for name, p in model.named_parameters() if is_split(p)]
+    if not split:
+        return
+    kinds = {"lora_A": ".lora_A", "lora_B": ".lora_B", "router key": "router.key", "query network": "router.query_net."}
+    counts = ", ".join(f"{kind} {sum(pattern in n for n in split)}" for kind, pattern in kinds.items())
+    logger.info("ZeRO-3 splits %d parameter tensors across %d processes; SAPT's: %s", len(split), world_size, counts)
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---- save -----------------------------------------------------------------------------------------
+def save(step: TaskStep) -> None:
+    """The task's artifacts (sapt.checkpoint) and ā, the mean routing over its dev inputs. Every
+    process takes part (ZeRO-3 gathers the router, ā is summed over all processes' examples); rank 0
+    writes."""
+    writer = step.trainer.is_world_process_zero()
+    earlier = [os.path.relpath(d, step.output_dir.resolve()) for d in step.earlier_dirs]
+    save_task_artifacts(step.model, step.output_dir, earlier, write=writer)
+    if step.model.router is not None:
+        batch_size = step.training_args.per_device_eval_batch_size
+        dev_mean = mean_routing(step.model, step.dev, step.generation_collator, batch_size)
+        if writer:
+            save_routing_mean(step.output_dir, step.model.tasks, dev_mean)
+
+
+# ---- evaluate -------------------------------------------------------------------------------------
+def evaluate(step: TaskStep) -> tuple[dict, TestPredictions]:
+    """Predictions on the test set of every task learned so far (sapt.training.prediction), and the results
+    for all_results.json: only what a seed determines, however often the run was interrupted."""
+    results = {}
+    if step.selection.best_score is not None:
+        results[f"best_eval_{step.metric}"] = step.selection.best_score
+        results["best_step"] = step.selection.best_step
+    step.trainer.compute_metrics = None  # dev scoring only; test predictions are scored below
+    predictions = predict_tests(step.trainer, step.model, step.tokenizer, step.tests)
+    results.update(predictions.results)
+    return results, predictions
+
+
+def record(step: TaskStep, results: dict, predictions: TestPredictions, train_metrics: dict) -> None:
+    """Rank 0 writes the step's records, the completion marker last; the Trainer's checkpoints go."""
+    if not step.trainer.is_world_process_zero():
+        return
+    output_dir, model, task_plan = step.output_dir, step.model, step.plan
+    write_predictions(output_dir, predictions.records)
+    if model.router is not None:
+        write_json_atomic(output_dir / ROUTING_FILE, {"tasks": model.tasks, "mean_weights": predictions.mean_routing})
+    write_json_atomic(output_dir / RESULTS_FILE, results)
+    # The Trainer's own statistics (times, the loss averaged since the last resume) go beside the results.
+    write_json_atomic(output_dir / "train_results.json", train_metrics)
+    write_json_atomic(output_dir / TASK_ARGS_FILE, task_args_record(step.args, step.training_args))
+    # The release's byte format: no trailing newline (its score.py splits on commas without stripping).
+    write_text_atomic(output_dir.parent / TASK_ORDER_FILE, ",".join(task_plan.order))
+    # Written last: later tasks accept this folder only when it is there.
+    write_json_atomic(
+        output_dir / COMPLETE_FILE,
+        {"task": step.args.task, "position": task_plan.position + 1, "method": step.args.method, "tasks": model.tasks},
+    )
+    if not step.args.keep_checkpoints:
+        remove_checkpoints(output_dir)
+
+
+# ---- command line ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    defaults = launch_defaults()
+    parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
+    parser.set_defaults(**defaults)
+    argv = sys.argv[1:] if argv is None else argv
+    try:  # a command line or one task's JSON config, as the pipelines write them
+        sapt_args, training_args = parse_task_arguments(parser, argv, defaults)
+        results = run(sapt_args, training_args)
+    except (UsageError, DataError, CheckpointError) as err:
+        return report_error(PROG, err)
+    except Interrupted as stop:
+        print(f"{PROG}: {stop.args[0]}", file=sys.stderr)
+        return stop.exit_code
+    logger.info("done: %s", {k: v for k, v in results.items() if k.startswith("predict_")})
+    return 0
+
+
+def cli() -> None:
+    """Command-line entry: progress logging on, then `main`. (Tests call `main` without touching
+    the process's logging set-up.)"""
+    setup_cli_logging()
+    sys.exit(main())
