@@ -36,7 +36,6 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_FILE
 
 from ..checkpoint import (
     BLOCK_FILE,
-    TASK_ARGS_FILE,
     CheckpointError,
     load_config,
     load_routing_mean,
@@ -46,6 +45,7 @@ from ..checkpoint import (
 )
 from ..config import CONFIG_NAME, SaptConfig
 from ..experiments.cl_metrics import ScoreError, read_run, summarize
+from ..run_files import TASK_ARGS_FILE
 from ..training.data import DataError
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
 from ..utils.fileio import save_tensors_atomic, write_json_atomic, write_text_atomic
