@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
-import sapt
+import sapt.experiments
 from conftest import BENCHMARK, GENERATED, REPO_ROOT
 from sapt.config import METHODS
 from sapt.experiments.pipeline import main as pipeline_main
@@ -65,7 +65,7 @@ def test_paper_presets_carry_the_release_hyper_parameters(tmp_path):
     generate("superni_llama", "--output", str(tmp_path / "l.sh"), "--deepspeed", "zero2")
     config = json.loads(sorted((tmp_path / "l").glob("1-*.json"))[0].read_text())
     # The package's own file, absolute (the pipeline runs elsewhere); the checkout's configs/ links to it.
-    packaged = Path(sapt.__file__).parent / "configs" / "ds_configs" / "zero2.json"
+    packaged = Path(sapt.experiments.__file__).parent / "configs" / "ds_configs" / "zero2.json"
     assert config["deepspeed"] == str(packaged) and packaged.is_file() and config["kl_ratio"] == 1.0
     assert (REPO_ROOT / "configs" / "ds_configs" / "zero2.json").resolve() == packaged.resolve()
     assert config["save_strategy"] == "no"  # DeepSpeed's engine checkpoints are pickles: not written
