@@ -21,9 +21,12 @@ def is_partitioned(param: torch.Tensor) -> bool:
 
 
 def is_split(param: torch.Tensor) -> bool:
-    """Really split across processes: ZeRO-3 keeps tensors under its persistence threshold whole on
-    every process (transformers sets that threshold to 10 × hidden size)."""
-    return is_partitioned(param) and not getattr(param, "ds_persist", False)
+    """Really split across processes: this process holds a shard smaller than the whole tensor. ZeRO-3
+    keeps tensors under its persistence threshold whole on every process (transformers sets that
+    threshold to 10 × hidden size)."""
+    if not is_partitioned(param) or getattr(param, "ds_persist", False):
+        return False
+    return param.ds_tensor is not None and param.ds_tensor.numel() < param.ds_numel
 
 
 @contextmanager
