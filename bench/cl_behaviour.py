@@ -110,13 +110,14 @@ def build_backbone(workdir: Path, s: dict) -> Path:
 
 
 def run_sequence(method: str, seed: int, model: Path, workdir: Path, s: dict, quiet: bool) -> Path:
+    from sapt.run_files import task_dir_name
     from sapt.training import train_task
 
     tasks = TASKS[: s["tasks"]]
     outputs = workdir / "runs" / f"{method}_seed{seed}" / "outputs"
     previous = None
     for i, task in enumerate(tasks, 1):
-        out = outputs / f"{i}-{task}"
+        out = outputs / task_dir_name(i, task)
         argv = [
             "--model_name_or_path", str(model), "--data_dir", str(workdir / "CL_Benchmark"),
             "--task_order", ",".join(tasks), "--task", task, "--method", method,

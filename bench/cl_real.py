@@ -49,7 +49,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-from sapt.run_files import ROUTING_FILE  # noqa: E402
+from sapt.run_files import RESULTS_FILE, ROUTING_FILE, task_dir_name  # noqa: E402
 from sapt.experiments.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
 from sapt.experiments.pipeline import main as write_pipeline, parse_set  # noqa: E402
 
@@ -156,7 +156,7 @@ def run_method(method: str, args, settings: dict, workdir: Path) -> float:
 
 def routing_matrix(outputs: Path, tasks: list[str]) -> list[list[float]] | None:
     """Rows: each task's test inputs; columns: the mean weight on each block, after the last task."""
-    last = outputs / f"{len(tasks)}-{tasks[-1]}" / ROUTING_FILE
+    last = outputs / task_dir_name(len(tasks), tasks[-1]) / ROUTING_FILE
     if not last.is_file():
         return None
     report = json.loads(last.read_text())
@@ -167,7 +167,7 @@ def dev_scores(outputs: Path, tasks: list[str]) -> dict[str, float]:
     """Best dev exact match of each task's own training step (what model selection saw)."""
     scores = {}
     for position, task in enumerate(tasks, 1):
-        results = outputs / f"{position}-{task}" / "all_results.json"
+        results = outputs / task_dir_name(position, task) / RESULTS_FILE
         if results.is_file():
             value = json.loads(results.read_text()).get("best_eval_exact_match")
             if value is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from .backbone import load_backbone
 from .config import CONFIG_NAME, SaptConfig
 from .model import SaptModel
+from .run_files import TASK_DIR_PATTERN
 from .utils.cli import first_line
 from .utils.fileio import read_json, save_tensors_atomic, write_json_atomic
 from .utils.zero3 import gathered
@@ -31,7 +31,6 @@ BLOCK_FILE = "block.safetensors"
 ROUTER_FILE = "router.safetensors"
 LINEAGE_FILE = "lineage.json"
 ROUTING_MEAN_FILE = "routing_mean.json"
-TASK_DIR_PATTERN = re.compile(r"^(\d+)-(.+)$")
 
 
 class CheckpointError(ValueError):

@@ -6,6 +6,8 @@ README's run-folder format). Defined here, at the bottom of the package and with
 method's ``checkpoint`` and the harness's writer and scorer import the same names.
 """
 
+import re
+
 TASK_ORDER_FILE = "task_order.txt"
 RESULTS_FILE = "all_results.json"
 COMPLETE_FILE = "task_complete.json"  # written last by a finished task step: its folder is whole
@@ -16,3 +18,16 @@ TASK_ARGS_FILE = "task_args.json"
 # routed model each record carries under ROUTING_KEY the routing weights that input got (oldest block first).
 PREDICTIONS_DIR = "predictions"
 ROUTING_KEY = "routing"
+# A task's folder under outputs/ (and its pipeline step config, "<i>-<task>.json"): i is its 1-based place.
+TASK_DIR_PATTERN = re.compile(r"^(\d+)-(.+)$")
+# all_results.json keys of each seen task's test score, by metric.
+RESULT_KEY_PREFIX = {"rougeL": "predict_eval_rougeL_for_", "exact_match": "predict_exact_match_for_"}
+
+
+def task_dir_name(position: int, task: str) -> str:
+    """`<i>-<task>`: the folder of the task at 1-based `position` of the order."""
+    return f"{position}-{task}"
+
+
+def result_key(metric: str, task: str) -> str:
+    return RESULT_KEY_PREFIX[metric] + task

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import CONFIG_NAME
-from ..run_files import TASK_ARGS_FILE
+from ..run_files import TASK_ARGS_FILE, task_dir_name
 from ..utils.fileio import read_json
 from .cl_metrics import ScoreError, align_single_scores, read_run, summarize
 
@@ -66,7 +66,7 @@ def _agreed(values: dict[str, str]) -> str:
 
 def _task_folders(outputs: Path, tasks: list[str]) -> list[Path]:
     """The scored tasks' folders that exist (a joint-training run has only the last)."""
-    folders = [outputs / f"{i}-{task}" for i, task in enumerate(tasks, start=1)]
+    folders = [outputs / task_dir_name(i, task) for i, task in enumerate(tasks, start=1)]
     return [folder for folder in folders if folder.is_dir()]
 
 

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..run_files import RESULTS_FILE, TASK_ORDER_FILE
+from ..run_files import RESULT_KEY_PREFIX, RESULTS_FILE, TASK_DIR_PATTERN, TASK_ORDER_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +25,10 @@ logger = logging.getLogger(__name__)
 RELEASE_FWT_CONSTANT = 50.94
 
 METRICS = ("auto", "rougeL", "exact_match")
-KEY_PREFIX = {"rougeL": "predict_eval_rougeL_for_", "exact_match": "predict_exact_match_for_"}
+KEY_PREFIX = RESULT_KEY_PREFIX
 
 # SuperNI task names look like "task363_sst2_polarity_classification"; everything else is Long Sequence.
 _SUPERNI_RE = re.compile(r"^task\d+_")
-_TASK_DIR_RE = re.compile(r"^(\d+)-(.+)$")
 
 
 class ScoreError(ValueError):
@@ -231,7 +230,7 @@ def _task_folders(outputs_dir: Path, order: list[str]) -> dict[int, Path]:
     """Task folders by 1-based index; a folder that contradicts the order is an error, not a skip."""
     folders: dict[int, Path] = {}
     for entry in sorted(outputs_dir.iterdir()):
-        match = _TASK_DIR_RE.match(entry.name)
+        match = TASK_DIR_PATTERN.match(entry.name)
         if not match or not entry.is_dir():
             continue
         index, task = int(match.group(1)), match.group(2)

@@ -34,7 +34,7 @@ from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments,
 
 from ..backbone import load_backbone, load_tokenizer
 from ..checkpoint import CheckpointError, load_config, load_routing_mean, restore_model
-from ..run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
+from ..run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE, task_dir_name
 from ..training.collators import Collator
 from ..training.data import DataError
 from ..training.prediction import generation_settings, load_test_sets, predict_tests, write_predictions
@@ -86,9 +86,9 @@ def locate_run(run: str | Path) -> tuple[Path, Path]:
 
 def finished_rows(outputs: Path, order: list[str]) -> list[tuple[int, str, Path]]:
     rows = [
-        (position, task, outputs / f"{position}-{task}")
+        (position, task, outputs / task_dir_name(position, task))
         for position, task in enumerate(order, start=1)
-        if (outputs / f"{position}-{task}" / COMPLETE_FILE).is_file()
+        if (outputs / task_dir_name(position, task) / COMPLETE_FILE).is_file()
     ]
     if not rows:
         raise EvaluateError(f"{outputs}: no finished task folder (none holds {COMPLETE_FILE})")
@@ -113,7 +113,7 @@ def row_settings(folder: Path, position: int, task: str, config_dir: Path | None
         if not isinstance(settings, dict):
             raise EvaluateError(f"{recorded}: expected a JSON object of train_task arguments")
     elif config_dir is not None:
-        source = config_dir / f"{position}-{task}.json"
+        source = config_dir / f"{task_dir_name(position, task)}.json"
         settings = settings_from_step_config(source)
     else:
         raise EvaluateError(
@@ -145,7 +145,7 @@ def replaced_routing(routing: str, tasks: list[str], tests: list[str], outputs: 
         return {test: [float(block == tasks.index(test)) for block in range(size)] for test in tests}
     weights = {}
     for test in tests:  # mean: ā of the test's own task, stored in that task's folder
-        mean = load_routing_mean(outputs / f"{order.index(test) + 1}-{test}")
+        mean = load_routing_mean(outputs / task_dir_name(order.index(test) + 1, test))
         if len(mean) > size:
             raise EvaluateError(f"{outputs}: ā of {test} has {len(mean)} weights for {size} blocks")
         weights[test] = mean + [0.0] * (size - len(mean))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import METHODS
-from ..run_files import COMPLETE_FILE
+from ..run_files import COMPLETE_FILE, task_dir_name
 from ..training.data import DataError, find_task
 from ..training.release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
 from ..training.task_args import check_task_overrides
@@ -86,7 +86,7 @@ class Experiment:
         return self.settings["family"]
 
     def output_dir(self, position: int) -> str:
-        return f"logs_and_outputs/{self.run_name}/outputs/{position}-{self.tasks[position - 1]}"
+        return f"logs_and_outputs/{self.run_name}/outputs/{task_dir_name(position, self.tasks[position - 1])}"
 
     def seed_runs(self) -> list[Experiment]:
         """One experiment per --seeds entry, each its own run `<run>_seed<N>` with its own pseudo data."""
@@ -351,7 +351,7 @@ def _run_lines(exp: Experiment) -> list[str]:
             f"--seed {exp.seed} {steps}".rstrip(),
             "",
         ]
-    names = [f"{p}-{exp.tasks[p - 1]}" for p in exp.positions()]
+    names = [task_dir_name(p, exp.tasks[p - 1]) for p in exp.positions()]
     lines += [
         f"STEPS=({' '.join(q(n) for n in names)})",
         'for STEP in "${STEPS[@]}"; do',
@@ -397,7 +397,7 @@ def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
 
 def write_configs(exp: Experiment, config_dir: Path) -> None:
     for position in exp.positions():
-        write_json_atomic(config_dir / f"{position}-{exp.tasks[position - 1]}.json", exp.task_arguments(position))
+        write_json_atomic(config_dir / f"{task_dir_name(position, exp.tasks[position - 1])}.json", exp.task_arguments(position))
 
 
 def write_experiment(exp: Experiment, output: Path) -> Path:

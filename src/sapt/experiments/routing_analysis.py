@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..run_files import PREDICTIONS_DIR, ROUTING_KEY
+from ..run_files import PREDICTIONS_DIR, ROUTING_KEY, task_dir_name
 from .cl_metrics import ScoreError
 
 # What each routing of sapt.evaluate means, as printed in every report of its results.
@@ -128,7 +128,7 @@ def routing_accuracy(outputs_dir: str | Path, tasks: list[str]) -> np.ndarray | 
     size = len(tasks)
     accuracy = np.full((size, size), np.nan)
     for i, row_task in enumerate(tasks):
-        folder = outputs / f"{i + 1}-{row_task}" / PREDICTIONS_DIR
+        folder = outputs / task_dir_name(i + 1, row_task) / PREDICTIONS_DIR
         for j in range(i + 1):
             rows = read_routing_rows(folder / f"{tasks[j]}.jsonl", num_blocks=i + 1)
             if rows is not None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..run_files import ROUTING_FILE
+from ..run_files import ROUTING_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
 from .aggregate import (
     COMPARABLE_KEYS,
@@ -354,7 +354,7 @@ def write_report(results: Path, run_name, outputs, tasks, matrix, metric_name, a
         ),
     }
     routing_png = results / f"{run_name}_routing.png"
-    routing_path = outputs / f"{len(tasks)}-{tasks[-1]}" / ROUTING_FILE
+    routing_path = outputs / task_dir_name(len(tasks), tasks[-1]) / ROUTING_FILE
     if routing_path.is_file():
         blocks, evals, weights = read_routing(routing_path)
         vmax = max(1.0, float(np.max(weights)))

@@ -45,7 +45,7 @@ from ..checkpoint import (
 )
 from ..config import CONFIG_NAME, SaptConfig
 from ..experiments.cl_metrics import ScoreError, read_run, summarize
-from ..run_files import TASK_ARGS_FILE
+from ..run_files import TASK_ARGS_FILE, task_dir_name
 from ..training.data import DataError
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
 from ..utils.fileio import save_tensors_atomic, write_json_atomic, write_text_atomic
@@ -78,7 +78,7 @@ class TaskBlock:
 
     @property
     def name(self) -> str:
-        return f"{self.index}-{self.task}"
+        return task_dir_name(self.index, self.task)
 
 
 # ---- reading the run ------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..backbone import load_backbone
-from ..checkpoint import TASK_DIR_PATTERN, CheckpointError, save_routing_mean, save_task_artifacts
+from ..checkpoint import CheckpointError, save_routing_mean, save_task_artifacts
 from ..config import SaptConfig
 from ..model import SaptModel
-from ..run_files import TASK_ORDER_FILE
+from ..run_files import TASK_DIR_PATTERN, TASK_ORDER_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, report_error
 from ..utils.fileio import write_text_atomic
 from ..utils.logs import stdout_kept_for_results
@@ -388,9 +388,9 @@ def _write_tasks(model: SaptModel, tasks: list[OfficialTask], names: list[str], 
         router.append_frozen_keys(task.keys_newest_first.flip(0))  # stored oldest first
         router.query_net.load_state_dict(task.query_net)
         model.sapt_config.tasks = names[:index]
-        task_dir = root / f"{index}-{name}"
+        task_dir = root / task_dir_name(index, name)
         task_dir.mkdir()
-        earlier_block_dirs = [f"../{j}-{old}" for j, old in enumerate(names[: index - 1], start=1)]
+        earlier_block_dirs = [f"../{task_dir_name(j, old)}" for j, old in enumerate(names[: index - 1], start=1)]
         save_task_artifacts(model, task_dir, earlier_block_dirs)
         save_routing_mean(task_dir, names[:index], task.routing_mean_newest_first[::-1])
         logger.info("%s -> %s", task.source, task_dir.name)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import SaptModel
-from ..run_files import PREDICTIONS_DIR, ROUTING_KEY
+from ..run_files import PREDICTIONS_DIR, ROUTING_KEY, result_key
 from ..utils.fileio import write_jsonl_atomic
 from .collators import Collator
 from .data import load_split
@@ -110,8 +110,8 @@ def predict_tests(
         references = [test[i]["target"] for i in order_in_split]
         scores = compute_metrics(texts, references)
         per_task.append(scores)
-        results[f"predict_exact_match_for_{task}"] = scores["exact_match"]
-        results[f"predict_eval_rougeL_for_{task}"] = scores["rougeL"]
+        results[result_key("exact_match", task)] = scores["exact_match"]
+        results[result_key("rougeL", task)] = scores["rougeL"]
         records[task] = [
             {"index": i, "target": ref, "prediction": text} for i, ref, text in zip(order_in_split, references, texts)
         ]
