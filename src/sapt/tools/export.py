@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +45,7 @@ from ..experiments.cl_metrics import ScoreError, read_run, summarize
 from ..run_files import TASK_ARGS_FILE, task_dir_name
 from ..training.data import DataError
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
-from ..utils.fileio import save_tensors_atomic, write_json_atomic, write_text_atomic
+from ..utils.fileio import save_tensors_atomic, staged_folder, write_json_atomic, write_text_atomic
 from ..utils.logs import setup_cli_logging, stdout_kept_for_results
 
 logger = logging.getLogger(__name__)
@@ -325,9 +322,7 @@ def export_run(
     logger.info("%s: %d task(s), %s, rank %d, alpha %g", task_dir, len(tasks), config.model_type, config.r, config.alpha)
     measured = measure_deployments(outputs_dir, tasks, measure, config_dir)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, _check_out_dir) as staging:
         for t in tasks:
             write_adapter(staging / BLOCKS_DIR / t.name, lora_config(config, 1), mixed_adapter([t], [1.0]))
             write_adapter(staging / FIXED_DIR / t.name, lora_config(config, t.index), mixed_adapter(tasks[: t.index], t.routing_mean))
@@ -335,13 +330,6 @@ def export_run(
                         ", ".join(f"{w:.3f}" for w in t.routing_mean))
         readme = render_readme(config, tasks, outputs_dir, out_dir.resolve(), measured, config_dir)
         write_text_atomic(staging / README_FILE, readme)
-        _check_out_dir(out_dir)  # nobody filled it meanwhile
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("exported %d task(s) into %s", len(tasks), out_dir)
     return out_dir
 

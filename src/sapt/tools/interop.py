@@ -16,8 +16,6 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from ..config import SaptConfig
 from ..model import SaptModel
 from ..run_files import TASK_DIR_PATTERN, TASK_ORDER_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, report_error
-from ..utils.fileio import write_text_atomic
+from ..utils.fileio import staged_folder, write_text_atomic
 from ..utils.logs import stdout_kept_for_results
 from .safe_pickle import UnsafePickleError, load_numpy_pickle
 
@@ -361,18 +359,9 @@ def import_official(
     for task in tasks:
         _check_fits(task, model, family)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir, _check_out_dir) as staging:
         _write_tasks(model, tasks, names, staging)
         write_text_atomic(staging / TASK_ORDER_FILE, ",".join(names))
-        _check_out_dir(out_dir)  # nobody filled it meanwhile
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("imported %d task(s) into %s", len(tasks), out_dir)
     return out_dir
 

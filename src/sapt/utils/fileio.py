@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,3 +77,21 @@ def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict | None =
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=metadata)
+
+
+@contextmanager
+def staged_folder(out_dir: Path, check_still_free: Callable[[Path], None]):
+    """Yield a hidden staging folder beside `out_dir` to fill; when the block succeeds it takes `out_dir`'s
+    place (which must still pass `check_still_free`: nobody filled it meanwhile), when it fails it is
+    removed. The folder appears whole or not at all."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        yield staging
+        check_still_free(out_dir)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
