@@ -125,7 +125,7 @@ def test_replay_memory_draws_two_percent_of_each_earlier_task_from_its_real_rows
 def test_replay_step_trains_on_its_task_plus_the_memory_of_the_earlier_one():
     args = SaptArguments(model_name_or_path="tiny", task_order=",".join(TASKS), task=TASKS[1], method="replay",
                          data_dir=str(BENCHMARK), max_train_samples=150, max_predict_samples=2)
-    train, _, tests = load_training_data(args, plan(args), seed=3)
+    train, _, tests, _ = load_training_data(args, plan(args), seed=3)
     own = load_split(BENCHMARK, TASKS[1], "train", seed=3, max_samples=150)
     earlier = load_split(BENCHMARK, TASKS[0], "train", seed=3, max_samples=150)
     rows = list(train)

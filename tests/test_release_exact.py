@@ -37,7 +37,7 @@ from sapt.training.release_training import (
     release_schedule,
 )
 from sapt.training.release_stepping import PerBackwardStepping
-from sapt.training.trainer import KeepBestTrainable, SaptTrainer, StepPosition, trainable_tensors
+from sapt.training.trainer import KeepBestTrainable, LossTerm, SaptTrainer, StepPosition, trainable_tensors
 from sapt.utils.cli import UsageError
 
 LLAMA_PAD, LLAMA_BOS = 3, 1  # the conftest LLaMA's ids
@@ -167,9 +167,10 @@ def train_task3(tmp_path, release_exact: bool, arm_from_second_step: bool = True
     )
     if release_exact:
         release = ReleaseTraining(decoder_only=True, ce_groups=1, stepping=PerBackwardStepping(GA, 0.0))
-        terms = [(WEIGHT, term) for term in reflection.task_terms()]
+        terms = [LossTerm(f"arm/{i}", WEIGHT, lambda m, p, _, term=term: term(m, p))
+                 for i, term in enumerate(reflection.task_terms())]
     else:
-        release, terms = None, [(WEIGHT, reflection.loss)]
+        release, terms = None, [LossTerm("arm", WEIGHT, lambda m, p, _: reflection.loss(m, p))]
     trainer = trainer_for(model, tmp_path, llama_examples(12), gradient_accumulation_steps=GA, max_steps=3,
                           regularizers=terms, release=release, optimizers=(optimizer, None))
     steps = NominalSteps(optimizer)

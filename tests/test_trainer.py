@@ -13,7 +13,7 @@ from conftest import VOCAB, make_sapt
 from sapt.baselines import l2_loss
 from sapt.layer import SaptLinear
 from sapt.model import IGNORE_INDEX
-from sapt.training.trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, trainable_tensors
+from sapt.training.trainer import EveryNEpochs, KeepBestTrainable, LossTerm, SaptTrainer, trainable_tensors
 
 PAD = {"t5": 0, "llama": 3}  # the conftest backbones' pad ids
 # Label tokens of five examples: powers of two, so any two micro-batches hold different counts and the
@@ -149,7 +149,7 @@ def test_accumulated_gradient_is_the_token_mean_over_the_step_plus_each_term_onc
     trainer = make_trainer(
         model, family, tmp_path, train=examples(family), gradient_accumulation_steps=2, num_train_epochs=1,
         learning_rate=0.0,
-        trainer_kwargs={"regularizers": [(weight, lambda m, _: l2_loss(m))]},  # O-LoRA's L2 as the extra term
+        trainer_kwargs={"regularizers": [LossTerm("l2", weight, lambda m, _, __: l2_loss(m))]},  # O-LoRA's L2 as the extra term
     )
     grads = GradientsBeforeStep(model)
     trainer.add_callback(grads)

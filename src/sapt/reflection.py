@@ -22,11 +22,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def arm_target(routing_mean: list[float], num_blocks: int) -> torch.Tensor:
-    """ā_i (oldest block first, length i) padded with zeros for the num_blocks - i newer blocks."""
+def arm_target(routing_mean: list[float], num_blocks: int, floor: float = 0.0) -> torch.Tensor:
+    """ā_i (oldest block first, length i) padded with zeros for the num_blocks - i newer blocks, then
+    mixed with the uniform distribution: (1 - floor) · target + floor / num_blocks.
+
+    floor 0 is the paper's target. With floor > 0 the KL is minimal at finite routing logits: a target
+    with zeros has no minimum, and on inputs that share most of their pooled embedding the cheapest way
+    down that endless slope moves every input's routing alike (docs/router.md)."""
     if len(routing_mean) > num_blocks:
         raise ValueError(f"ā over {len(routing_mean)} blocks cannot target a model of {num_blocks}")
-    return torch.tensor(list(routing_mean) + [0.0] * (num_blocks - len(routing_mean)))
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"the target floor must be in [0, 1), got {floor}")
+    target = torch.tensor(list(routing_mean) + [0.0] * (num_blocks - len(routing_mean)))
+    return (1.0 - floor) * target + floor / num_blocks
 
 
 @torch.no_grad()
@@ -75,17 +83,19 @@ class AttentiveReflection:
     def __init__(
         self, pseudo_sets, routing_means: list[list[float]], collator, batch_size: int, num_blocks: int, *,
         rows=None, pool_all: bool = False, autocast_dtype: torch.dtype | None = None, first_step: int = 0,
+        target_floor: float = 0.0,
     ):
-        """Release-exact options (sapt.training.release_training): `rows(task, position)` picks each pseudo batch's
-        rows instead of the step's window; `pool_all` max-pools over every position (padding too);
-        `autocast_dtype` computes the KL under autocast against a target of that dtype; no term before
-        optimizer step `first_step`."""
+        """No term before optimizer step `first_step` (a warm-up: the new block learns before ARM pulls the
+        router); `target_floor` mixes every target with the uniform distribution (arm_target).
+        Release-exact options (sapt.training.release_training): `rows(task, position)` picks each pseudo
+        batch's rows instead of the step's window; `pool_all` max-pools over every position (padding too);
+        `autocast_dtype` computes the KL under autocast against a target of that dtype."""
         if len(pseudo_sets) != len(routing_means):
             raise ValueError("one pseudo set per routing mean")
         empty = [i for i, rows in enumerate(pseudo_sets) if len(rows) == 0]
         if empty:
             raise ValueError(f"pseudo set {empty[0]} is empty")
-        self.targets = [arm_target(mean, num_blocks) for mean in routing_means]
+        self.targets = [arm_target(mean, num_blocks, target_floor) for mean in routing_means]
         self.pseudo_sets = pseudo_sets
         self.collator = collator
         self.batch_size = batch_size

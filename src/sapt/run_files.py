@@ -12,6 +12,8 @@ TASK_ORDER_FILE = "task_order.txt"
 RESULTS_FILE = "all_results.json"
 COMPLETE_FILE = "task_complete.json"  # written last by a finished task step: its folder is whole
 ROUTING_FILE = "routing_weights.json"  # mean routing of each seen task's test inputs, after this task
+# How routing moved while a routed task trained: one JSON line per record (sapt.training.routing_trace).
+ROUTING_TRACE_FILE = "routing_trace.jsonl"
 # What the task step was trained and evaluated with (train_task's arguments): for re-evaluation and reports.
 TASK_ARGS_FILE = "task_args.json"
 # Test predictions of a task folder: PREDICTIONS_DIR/<task>.jsonl, one record per test input; for a

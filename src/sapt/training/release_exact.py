@@ -140,6 +140,10 @@ def step_budget(benchmark: str, is_encoder_decoder: bool, task: str, position: i
 
 
 # ---- checks of a task step's arguments (sapt.training.validation) ----------------------------------------------
+# The router remedies of sapt.train_task (docs/router.md): not the release's, so never in its mode.
+REMEDY_ARGUMENTS = ("arm_warmup_steps", "arm_target_floor", "own_block_weight")
+
+
 def check_release_arguments(args, training_args, is_encoder_decoder: bool) -> None:
     """Release-exact arguments this task can honour; raises ReleaseArgumentError (a UsageError)."""
     switches = resolve_switches(args.release_exact, args.release_behaviours, is_encoder_decoder)
@@ -150,6 +154,11 @@ def check_release_arguments(args, training_args, is_encoder_decoder: bool) -> No
         raise ReleaseArgumentError(
             f"--release_processes {processes}: --per_device_train_batch_size "
             f"{training_args.per_device_train_batch_size} must hold that many processes' batches"
+        )
+    remedies = [name for name in REMEDY_ARGUMENTS if getattr(args, name)]
+    if switches.any and remedies:
+        raise ReleaseArgumentError(
+            f"--{remedies[0]} is a remedy the release does not have (docs/router.md); leave it out of release-exact runs"
         )
     launched = training_args.world_size > 1 or getattr(training_args, "deepspeed", None)
     if switches.one_process and launched:

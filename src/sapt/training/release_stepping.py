@@ -82,12 +82,13 @@ class PerBackwardStepping:
         total = cross_entropy.detach()
         sapt_model = trainer.accelerator.unwrap_model(model)
         position = trainer._next_position()
-        for weight, term in trainer.regularizers:
+        for term in trainer.regularizers:
             with trainer.compute_loss_context_manager():
-                value = term(sapt_model, position)
+                value = term.fn(sapt_model, position, inputs)
             if value is None:
                 continue
-            scaled = weight * value / self.accumulation_steps  # DeepSpeed scales every backward by 1/GA
+            trainer.term_log.add(term.name, value)
+            scaled = term.weight * value / self.accumulation_steps  # DeepSpeed scales every backward by 1/GA
             self._backward(trainer, model, scaled)
             total = total + scaled.detach()
         return total

@@ -59,6 +59,23 @@ class SaptArguments:
     )
     query_dim: int = field(default=100, metadata={"help": "SAPT: bottleneck width of the query network."})
     router_learning_rate: float | None = field(default=None, metadata={"help": "SAPT: own learning rate for the query network."})
+    # Remedies for a router that stops selecting (docs/router.md); all off by default and under --release_exact.
+    arm_warmup_steps: int = field(
+        default=0, metadata={"help": "SAPT remedy: no ARM term before this optimizer step (the new block learns first)."}
+    )
+    arm_target_floor: float = field(
+        default=0.0, metadata={"help": "SAPT remedy: ARM's targets become (1 - ε)·target + ε/T, ε this value in [0, 1)."}
+    )
+    own_block_weight: float = field(
+        default=0.0,
+        metadata={"help": "SAPT remedy: weight μ of -log a_t(x), which sends the current task's training inputs to its own block."},
+    )
+    routing_trace_every: int = field(
+        default=10, metadata={"help": "SAPT: record the routing trace every N optimizer steps and at each evaluation (0: off)."}
+    )
+    routing_trace_inputs: int = field(
+        default=8, metadata={"help": "SAPT: dev inputs per learned task that the routing trace routes."}
+    )
     orthogonal_weight: float = field(default=0.5, metadata={"help": "o_lora: λ1 of Σ|A_new A_oldᵀ|."})
     l2_weight: float = field(default=0.0, metadata={"help": "o_lora: λ2 of ‖new block‖²."})
     replay_ratio: float = field(default=0.02, metadata={"help": "replay: share of each earlier task's training set kept."})
@@ -119,6 +136,7 @@ class TaskPlan:
     memory_tasks: list[str] = field(default_factory=list)  # replay: earlier tasks whose training sets give the memory
     dev_carved: bool = False  # clean protocol: dev is held out from train, the dev file is not read
     pseudo_tasks: list[str] = field(default_factory=list)  # ARM: earlier tasks whose pseudo inputs are read
+    probe_tasks: list[str] = field(default_factory=list)  # routing trace: tasks whose dev inputs it routes
     previous_task_dir: str | None = None  # as given; read only when the step continues
     max_train_samples: int | None = None
     max_predict_samples: int | None = None
@@ -131,6 +149,10 @@ class TaskPlan:
             reads.append(SplitRead(task, "train", self.max_train_samples))
             if not self.dev_carved:
                 reads.append(SplitRead(task, "dev"))
+        for task in self.probe_tasks:  # dev inputs of the tasks learned before: their dev file, or their carve
+            read = SplitRead(task, "train", self.max_train_samples) if self.dev_carved else SplitRead(task, "dev")
+            if read not in reads:
+                reads.append(read)
         return reads + [SplitRead(task, "test", self.max_predict_samples) for task in self.learned]
 
     def previous_folder(self) -> Path | None:
@@ -145,6 +167,11 @@ class TaskPlan:
 def reflects(args: SaptArguments, earlier: list[str]) -> bool:
     """Whether ARM runs in this step: SAPT after the first task, unless turned off."""
     return args.method == "sapt" and bool(earlier) and not args.no_reflection and args.kl_ratio > 0
+
+
+def traces_routing(args: SaptArguments) -> bool:
+    """Whether this step records the routing trace: a routed method, unless turned off."""
+    return args.method == "sapt" and args.routing_trace_every > 0
 
 
 def plan(args: SaptArguments) -> TaskPlan:
@@ -168,6 +195,7 @@ def plan(args: SaptArguments) -> TaskPlan:
         memory_tasks=list(earlier) if args.method == "replay" else [],
         dev_carved=args.protocol == "clean",
         pseudo_tasks=list(earlier) if reflects(args, earlier) else [],
+        probe_tasks=list(learned) if traces_routing(args) else [],
         previous_task_dir=args.previous_task_dir,
         max_train_samples=args.max_train_samples,
         max_predict_samples=args.max_predict_samples,

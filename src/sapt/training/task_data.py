@@ -26,20 +26,26 @@ def read_splits(data_dir: str | Path, task_plan: TaskPlan, seed: int) -> dict:
     }
 
 
+def _train_and_dev(args: SaptArguments, task_plan: TaskPlan, files: dict, task: str, seed: int):
+    """A task's (train, dev): the clean protocol carves dev from train (train is None where only dev is
+    read), the paper's reads the dev file."""
+    if task_plan.dev_carved:
+        train, dev = carve_dev(files[task, "train"], seed=seed)
+    else:
+        train, dev = files.get((task, "train")), files[task, "dev"]
+    if args.max_eval_samples is not None:
+        dev = dev.select(range(min(args.max_eval_samples, len(dev))))
+    return train, dev
+
+
 def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
-    """(train, dev, tests) for this step: mtl trains on the union of the tasks learned so far, replay
-    adds a memory of the earlier tasks' training sets; the clean protocol carves dev from train."""
+    """(train, dev, tests, probes) for this step: mtl trains on the union of the tasks learned so far,
+    replay adds a memory of the earlier tasks' training sets; the clean protocol carves dev from train.
+    `probes`: task -> the first dev inputs the routing trace routes, for every probe task."""
     files = read_splits(args.data_dir, task_plan, seed)
 
     def train_and_dev(task):
-        train = files[task, "train"]
-        if task_plan.dev_carved:
-            train, dev = carve_dev(train, seed=seed)
-        else:
-            dev = files[task, "dev"]
-        if args.max_eval_samples is not None:
-            dev = dev.select(range(min(args.max_eval_samples, len(dev))))
-        return train, dev
+        return _train_and_dev(args, task_plan, files, task, seed)
 
     pairs = [train_and_dev(task) for task in task_plan.training_tasks]
     if args.method == "mtl":  # renumbered even for one task: `index` addresses the union
@@ -50,7 +56,11 @@ def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
         earlier = [train_and_dev(task)[0] for task in task_plan.memory_tasks]
         train = concatenate_datasets([train, replay_memory(earlier, args.replay_ratio, seed)])
     tests = {task: files[task, "test"] for task in task_plan.learned}
-    return train, dev, tests
+    probes = {}
+    for task in task_plan.probe_tasks:
+        task_dev = train_and_dev(task)[1]
+        probes[task] = task_dev.select(range(min(args.routing_trace_inputs, len(task_dev))))
+    return train, dev, tests, probes
 
 
 def load_pseudo_sets(args: SaptArguments, task_plan: TaskPlan, seed: int) -> list:

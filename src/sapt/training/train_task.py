@@ -39,6 +39,7 @@ from ..checkpoint import (
 )
 from ..config import INIT_SCHEME, SaptConfig, release_temperature
 from ..model import SaptModel
+from ..own_block import own_block_loss
 from ..reflection import AttentiveReflection, mean_routing
 from ..run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
 from ..utils.cli import UsageError, report_error
@@ -53,7 +54,8 @@ from .release_training import ReleaseMode
 from .resume import latest_complete_checkpoint, remove_checkpoints
 from .task_args import SaptArguments, TaskPlan, launch_defaults, parse_task_arguments, plan, task_args_record
 from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
-from .trainer import EveryNEpochs, KeepBestTrainable, SaptTrainer, StopOnSignal
+from .routing_trace import RoutingTrace
+from .trainer import EveryNEpochs, KeepBestTrainable, LossTerm, SaptTrainer, StopOnSignal
 from .validation import validate_task_inputs
 
 logger = logging.getLogger("sapt")
@@ -104,7 +106,7 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
     metric = METRIC_OF_BENCHMARK[benchmark_of(args.data_dir, args.task)]
     set_seed(training_args.seed)
     tokenizer, model, earlier_dirs, release = load_model(args, training_args, task_plan)
-    train_set, dev, tests = load_training_data(args, task_plan, training_args.seed)
+    train_set, dev, tests, probes = load_training_data(args, task_plan, training_args.seed)
     lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
     tokenization = release.collator_options(tokenizer)
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
@@ -130,6 +132,8 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
         release=release_training,
     )
     selection, evaluates = add_model_selection(trainer, args, metric, release_evaluation)
+    if probes:
+        add_routing_trace(trainer, model, probes, generation_collator, args.routing_trace_every)
     return TaskStep(
         args, training_args, task_plan, Path(training_args.output_dir), metric, tokenizer, model, earlier_dirs,
         dev, tests, generation_collator, trainer, selection, evaluates,
@@ -188,25 +192,34 @@ def build_model(args: SaptArguments, backbone, task_plan: TaskPlan, seed: int) -
 
 
 def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed, release=None, bf16=False):
-    """The weighted loss terms added to CE for this method, each called as term(model, StepPosition)."""
+    """The weighted loss terms added to CE for this method (LossTerm, called as fn(model, position, inputs))."""
     if args.method == "o_lora":  # terms of the parameters alone: the step position does not matter
         return [
-            (args.orthogonal_weight, lambda model, _: orthogonality_loss(model)),
-            (args.l2_weight, lambda model, _: l2_loss(model)),
+            LossTerm("orthogonality", args.orthogonal_weight, lambda model, _, __: orthogonality_loss(model)),
+            LossTerm("l2", args.l2_weight, lambda model, _, __: l2_loss(model)),
         ]
+    terms = []
+    if args.method == "sapt" and task_plan.position > 0:  # a remedy (docs/router.md): off by default
+        terms.append(LossTerm("own_block", args.own_block_weight, lambda model, _, inputs: own_block_loss(model, inputs)))
     pseudo = load_pseudo_sets(args, task_plan, seed)
     if not pseudo:  # no ARM in this step (see sapt.training.task_args.reflects)
-        return []
+        return terms
     means = load_arm_targets(task_plan, earlier_dirs)
     if release is None:
-        reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks)
-        return [(args.kl_ratio, reflection.loss)]
+        reflection = AttentiveReflection(
+            pseudo, means, collator, batch_size, model.num_blocks,
+            first_step=args.arm_warmup_steps, target_floor=args.arm_target_floor,
+        )
+        return terms + [LossTerm("arm", args.kl_ratio, lambda model, position, _: reflection.loss(model, position))]
     batch_size = release.arm_batch_size(batch_size)
     options = release.reflection_options([len(rows) for rows in pseudo], batch_size, seed, bf16)
     reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks, **options)
     if release.switches.per_backward_steps:  # the release backpropagates each earlier task's KL alone
-        return [(args.kl_ratio, term) for term in reflection.task_terms()]
-    return [(args.kl_ratio, reflection.loss)]
+        return [
+            LossTerm(f"arm/{task}", args.kl_ratio, lambda model, position, _, term=term: term(model, position))
+            for task, term in zip(task_plan.pseudo_tasks, reflection.task_terms())
+        ]
+    return [LossTerm("arm", args.kl_ratio, lambda model, position, _: reflection.loss(model, position))]
 
 
 def dev_scorer(tokenizer, dev_references: list[str]):
@@ -234,6 +247,16 @@ def add_model_selection(trainer: SaptTrainer, args: SaptArguments, metric: str, 
         trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
     evaluates = release_evaluation is None and (training_args.eval_strategy != "no" or bool(args.eval_every_epochs))
     return selection, evaluates
+
+
+def add_routing_trace(trainer: SaptTrainer, model: SaptModel, probes: dict, collator, every: int) -> None:
+    """Record the routing of every learned task's first dev inputs while this task trains
+    (sapt.training.routing_trace); the probe inputs are collated once, prompts only."""
+    batches = {task: collator([dataset[i] for i in range(len(dataset))]) for task, dataset in probes.items()}
+    trace = RoutingTrace(
+        model, batches, every, Path(trainer.args.output_dir), trainer.term_log, write=trainer.is_world_process_zero()
+    )
+    trainer.add_callback(trace)
 
 
 # ---- train ----------------------------------------------------------------------------------------

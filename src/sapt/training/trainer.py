@@ -28,6 +28,48 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class LossTerm:
+    """An extra loss term: `weight * fn(model, position, inputs)` joins CE while training. `fn` returns
+    None where it is inactive (ARM before its first step); `name` labels its values in the routing trace."""
+
+    name: str
+    weight: float
+    fn: Callable
+
+
+class TermLog:
+    """Running means of CE and of every extra term's unweighted value since the last `take()`: what
+    the routing trace records beside the routing itself. Kept with each checkpoint, so a resumed task
+    records the same means as an uninterrupted one."""
+
+    FILE = "term_log.json"
+
+    def __init__(self):
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def save(self, directory) -> None:
+        sums = {name: float(total) for name, total in self._sums.items()}
+        write_json_atomic(Path(directory) / self.FILE, {"sums": sums, "counts": self._counts})
+
+    def load(self, directory) -> None:
+        path = Path(directory) / self.FILE
+        if path.is_file():
+            state = json.loads(path.read_text())
+            self._sums, self._counts = state["sums"], state["counts"]
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        # Summed as tensors: reading a number would wait for the GPU at every micro-batch.
+        self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def take(self) -> dict[str, float]:
+        means = {name: float(total) / self._counts[name] for name, total in self._sums.items()}
+        self._sums, self._counts = {}, {}
+        return means
+
+
+@dataclass(frozen=True)
 class StepPosition:
     """Where a training micro-batch sits: its optimizer step, its place among the step's micro-batches,
     and its process. Terms that draw their own data (ARM) use it to take their share of the step."""
@@ -40,13 +82,14 @@ class StepPosition:
 
 
 class SaptTrainer(PickleFreeCheckpoints, Trainer):
-    """The stock Trainer with weighted extra loss terms, each called as term(model, StepPosition)."""
+    """The stock Trainer with weighted extra loss terms (LossTerm), each called as
+    fn(model, StepPosition, inputs)."""
 
     def __init__(
         self,
         *args,
         generation_collator=None,
-        regularizers: list[tuple[float, Callable]] = (),
+        regularizers: list[LossTerm] = (),
         router_learning_rate: float | None = None,
         generation_kwargs: dict | None = None,
         checkpoint_parts: list = (),
@@ -58,12 +101,13 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         # cross-entropy and its per-backward optimizer stepping; None trains the method as described.
         self.release = release
         self.generation_collator = generation_collator
-        self.regularizers = [(weight, term) for weight, term in regularizers if weight]
+        self.regularizers = [term for term in regularizers if term.weight]
+        self.term_log = TermLog()
         self.router_learning_rate = router_learning_rate
         self._micro_batch = (-1, 0)  # (optimizer step, micro-batches seen in it)
         self.generation_kwargs = generation_kwargs or {}
         # Objects with save(dir)/load(dir) whose state must survive a resume (model selection, ARM position).
-        self.checkpoint_parts = list(checkpoint_parts)
+        self.checkpoint_parts = list(checkpoint_parts) + [self.term_log]
         if self._stepping is not None:
             self.checkpoint_parts.append(self._stepping)  # its micro-step counter survives a resume
         # Makes the Trainer count the label tokens of each optimizer step (compute_loss uses the count);
@@ -87,6 +131,8 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         """CE plus each weighted extra term (SAPT's ARM, O-LoRA's orthogonality, ...) while training."""
         outputs = model(**inputs)
         loss = outputs.loss  # mean over this micro-batch's label tokens
+        if model.training:
+            self.term_log.add("ce", loss)
         steps = self.current_gradient_accumulation_steps if model.training else 1
         if model.training and self.release is not None and self.release.ce_groups is not None:
             loss = self.release.cross_entropy(outputs, inputs["labels"]) / self.args.gradient_accumulation_steps
@@ -100,10 +146,11 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         if model.training and self.regularizers and self._stepping is None:  # stepping backpropagates each
             sapt_model = self.accelerator.unwrap_model(model)
             position = self._next_position()
-            for weight, term in self.regularizers:
-                value = term(sapt_model, position)
-                if value is not None:  # None: inactive here (the release's ARM skips the first step)
-                    loss = loss + weight * value / steps
+            for term in self.regularizers:
+                value = term.fn(sapt_model, position, inputs)
+                if value is not None:  # None: inactive here (a warm-up; the release's ARM skips step 1)
+                    self.term_log.add(term.name, value)
+                    loss = loss + term.weight * value / steps
         return (loss, outputs) if return_outputs else loss
 
     @property

@@ -35,7 +35,15 @@ def _check_numbers(args) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"--{name} {value!r}: expected an integer of at least 1")
-    for name in ("lora_alpha", "kl_ratio", "orthogonal_weight", "l2_weight"):
+    for name in ("arm_warmup_steps", "routing_trace_every"):
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UsageError(f"--{name} {value!r}: expected an integer of at least 0")
+    if not isinstance(args.routing_trace_inputs, int) or args.routing_trace_inputs < 1:
+        raise UsageError(f"--routing_trace_inputs {args.routing_trace_inputs!r}: expected an integer of at least 1")
+    if not 0 <= args.arm_target_floor < 1:
+        raise UsageError(f"--arm_target_floor {args.arm_target_floor!r}: expected a number in [0, 1)")
+    for name in ("lora_alpha", "kl_ratio", "orthogonal_weight", "l2_weight", "own_block_weight"):
         value = getattr(args, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise UsageError(f"--{name} {value!r}: expected a finite number of at least 0")

@@ -1,0 +1,101 @@
+"""The routing trace: how the router's choices move while a task trains (`routing_trace.jsonl`).
+
+At the start, every `every` optimizer steps and at each evaluation, a few dev inputs of every task
+learned so far (the current one included) go through embeddings -> router only (no LM forward), and
+one JSON line is appended to the task's folder:
+
+    {"step": 20, "epoch": 2.5, "event": "step",
+     "tasks": {"sst2": {"own_weight": .., "accuracy": .., "logit_spread": .., "new_block_weight": ..}, ...},
+     "losses": {"ce": .., "arm": .., "own_block": ..}}
+
+Per task j (its block is the j-th, oldest first) over its probe inputs x:
+- own_weight: the mean of a_j(x), the weight on its own block;
+- accuracy: the share of inputs whose largest weight is on block j;
+- logit_spread: how much the routing depends on the input: the standard deviation across inputs of
+  each block's logit, centred per input (logits minus their mean over blocks, which the softmax
+  ignores), averaged over blocks;
+- new_block_weight: the mean of a_t(x), t the block being trained.
+`losses` holds the means of CE and of each extra term's unweighted value (ARM's KL, the own-block
+loss) over the micro-batches since the previous line ({} at the start).
+
+A resumed task drops the lines written after its checkpoint, so the file ends up as one uninterrupted
+run's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from ..run_files import ROUTING_TRACE_FILE
+from ..utils.fileio import write_text_atomic
+
+
+@torch.no_grad()
+def routing_summary(model, probes: dict[str, dict]) -> dict[str, dict]:
+    """The per-task numbers of one trace line. `probes`: task -> a collated batch of its inputs, in the
+    order the tasks were learned (the i-th task owns block i)."""
+    summary = {}
+    for block, (task, batch) in enumerate(probes.items()):
+        ids = batch["input_ids"].to(model.device)
+        mask = batch["attention_mask"].to(model.device)
+        logits = model.routing_logits(ids, mask).float()  # (B, T)
+        weights = logits.softmax(dim=-1)
+        centred = logits - logits.mean(dim=-1, keepdim=True)
+        summary[task] = {
+            "own_weight": weights[:, block].mean().item(),
+            "accuracy": weights.argmax(dim=-1).eq(block).float().mean().item(),
+            "logit_spread": centred.std(dim=0, unbiased=False).mean().item(),
+            "new_block_weight": weights[:, -1].mean().item(),
+        }
+    return summary
+
+
+def read_trace(path: Path) -> list[dict]:
+    """The complete lines of a trace file (a line cut by a kill is dropped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class RoutingTrace(TrainerCallback):
+    """Appends trace lines while a routed task trains; see the module's docstring."""
+
+    def __init__(self, model, probes: dict[str, dict], every: int, output_dir: Path, term_log, write: bool = True):
+        self.model = model
+        self.probes = probes
+        self.every = every
+        self.path = Path(output_dir) / ROUTING_TRACE_FILE
+        self.term_log = term_log
+        self.write = write  # rank 0 writes; every process routes (ZeRO-3 gathers the router collectively)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        resumed = state.global_step
+        if self.write:
+            kept = [r for r in read_trace(self.path) if r["step"] <= resumed] if resumed and self.path.is_file() else []
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if not resumed:
+            self._record(state, "start")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self._record(state, "step")
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._record(state, "evaluate")
+
+    def _record(self, state, event: str) -> None:
+        tasks = routing_summary(self.model, self.probes)
+        losses = self.term_log.take() if event != "start" else {}
+        if not self.write:
+            return
+        line = {"step": state.global_step, "epoch": state.epoch or 0.0, "event": event, "tasks": tasks, "losses": losses}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
