@@ -11,7 +11,8 @@ checkout) or ``python score.py`` (the same ``main`` behind a thin file at the re
 A thin front over ``sapt.experiments.cl_metrics``: prints the score matrix and the metrics, and writes
 ``<results_dir>/<run>.txt``, ``<run>.json``, ``<run>_matrix.png`` (and ``<run>_routing.png`` when the
 last task folder holds ``routing_weights.json``), with the routing accuracy (``sapt.experiments.routing_analysis``; a
-figure ``<run>_routing_accuracy.png`` when the predictions store per-input routing, else "not stored").
+figure ``<run>_routing_accuracy.png`` when the predictions store per-input routing, else "not stored"), and, when the
+task folders hold routing traces, the own-block weight at the end of each task and ``<run>_routing_trace.png``.
 Outputs of ``python -m sapt.evaluate`` are named by their run and routing in every table.
 ``--compare`` prints one summary row per run instead;
 given groups (a quoted glob pattern or a comma-separated list per argument) it prints each group's mean
@@ -69,6 +70,7 @@ from .cl_metrics import (
     summarize,
 )
 from .routing_analysis import NOT_STORED, evaluation_name, read_evaluation_record, routing_accuracy, routing_description
+from .trace_report import final_own_weights, format_trace_table, read_run_traces, render_trace
 
 # The documented name; `python -m sapt.score` reports errors under it too.
 PROG = "score.py"
@@ -316,6 +318,10 @@ def score_run(args) -> None:
     text = format_report(run_name, outputs, tasks, matrix, metric_name, summary, single_name, warnings, conditions)
     accuracy, description = routing_accuracy(outputs, tasks), routing_description(outputs)
     text = add_routing_sections(text, tasks, accuracy, description)
+    traces = read_run_traces(outputs, tasks)
+    trace_table = None if traces is None else final_own_weights(traces, tasks)
+    if trace_table is not None:
+        text += "\n".join(format_trace_table(tasks, trace_table, abbreviate(tasks))) + "\n"
     order = read_task_order(outputs)
     record = {
         "run": run_name,
@@ -338,11 +344,12 @@ def score_run(args) -> None:
         },
         "warnings": warnings,
         **routing_record(accuracy, description),
+        "trace_own_weight": None if trace_table is None else [[_json_number(float(v)) for v in row] for row in trace_table],
     }
-    write_report(Path(args.results_dir), run_name, outputs, tasks, matrix, metric_name, accuracy, text, record)
+    write_report(Path(args.results_dir), run_name, outputs, tasks, matrix, metric_name, accuracy, text, record, traces)
 
 
-def write_report(results: Path, run_name, outputs, tasks, matrix, metric_name, accuracy, text, record) -> None:
+def write_report(results: Path, run_name, outputs, tasks, matrix, metric_name, accuracy, text, record, traces=None) -> None:
     """`<run>.txt`, `<run>.json` and the figures, all or nothing; a figure this scoring has no data for is
     removed (a stale one from an earlier scoring of the run would mislead)."""
     labels, rows = abbreviate(tasks), [f"after task {i}" for i in range(1, len(tasks) + 1)]
@@ -368,8 +375,11 @@ def write_report(results: Path, run_name, outputs, tasks, matrix, metric_name, a
             accuracy, rows, labels,
             f"{run_name}: routing accuracy (% of task j's inputs routed to block j)", 100.0, "routing accuracy (%)",
         )
+    trace_png = results / f"{run_name}_routing_trace.png"
+    if traces is not None:
+        files[trace_png] = render_trace(traces, tasks, f"{run_name}: own-block weight while training (dev probes)")
     write_files_atomic(files)
-    for figure in (routing_png, accuracy_png):
+    for figure in (routing_png, accuracy_png, trace_png):
         if figure not in files and figure.exists():
             figure.unlink()
     sys.stdout.write(text)

@@ -11,6 +11,8 @@ transformers must look.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import random
 import shutil
@@ -140,3 +142,8 @@ def remove_checkpoints(output_dir: Path) -> None:
     """Remove the Trainer checkpoints of a finished task (its artifacts are all a later task needs)."""
     for checkpoint in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The optimizer step a Trainer checkpoint was written at."""
+    return int(json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())["global_step"])

@@ -18,8 +18,9 @@ Per task j (its block is the j-th, oldest first) over its probe inputs x:
 `losses` holds the means of CE and of each extra term's unweighted value (ARM's KL, the own-block
 loss) over the micro-batches since the previous line ({} at the start).
 
-A resumed task drops the lines written after its checkpoint, so the file ends up as one uninterrupted
-run's.
+Under router pretraining (sapt.training.router_pretraining) a line with event "before_pretraining" comes
+first; "start" then shows the pretrained router. A resumed task drops the lines written after its
+checkpoint, so the file ends up as one uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..run_files import ROUTING_TRACE_FILE
+from ..utils.fileio import read_jsonl_prefix as read_trace
 from ..utils.fileio import write_text_atomic
 
 
@@ -54,17 +56,6 @@ def routing_summary(model, probes: dict[str, dict]) -> dict[str, dict]:
     return summary
 
 
-def read_trace(path: Path) -> list[dict]:
-    """The complete lines of a trace file (a line cut by a kill is dropped)."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
 class RoutingTrace(TrainerCallback):
     """Appends trace lines while a routed task trains; see the module's docstring."""
 
@@ -76,26 +67,29 @@ class RoutingTrace(TrainerCallback):
         self.term_log = term_log
         self.write = write  # rank 0 writes; every process routes (ZeRO-3 gathers the router collectively)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        resumed = state.global_step
+    def begin(self, resumed_step: int) -> None:
+        """Before anything trains: a fresh task starts an empty file (a killed attempt's lines go), a
+        resumed one keeps the lines up to its checkpoint's step."""
         if self.write:
-            kept = [r for r in read_trace(self.path) if r["step"] <= resumed] if resumed and self.path.is_file() else []
+            kept = [r for r in read_trace(self.path) if r["step"] <= resumed_step] if resumed_step and self.path.is_file() else []
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        if not resumed:
-            self._record(state, "start")
+
+    def record(self, step: int, epoch: float, event: str) -> None:
+        tasks = routing_summary(self.model, self.probes)
+        losses = self.term_log.take() if event == "step" or event == "evaluate" else {}
+        if not self.write:
+            return
+        line = {"step": step, "epoch": epoch, "event": event, "tasks": tasks, "losses": losses}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.global_step:
+            self.record(0, 0.0, "start")
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
-            self._record(state, "step")
+            self.record(state.global_step, state.epoch or 0.0, "step")
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self._record(state, "evaluate")
-
-    def _record(self, state, event: str) -> None:
-        tasks = routing_summary(self.model, self.probes)
-        losses = self.term_log.take() if event != "start" else {}
-        if not self.write:
-            return
-        line = {"step": state.global_step, "epoch": state.epoch or 0.0, "event": event, "tasks": tasks, "losses": losses}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        self.record(state.global_step, state.epoch or 0.0, "evaluate")

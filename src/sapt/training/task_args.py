@@ -70,6 +70,11 @@ class SaptArguments:
         default=0.0,
         metadata={"help": "SAPT remedy: weight μ of -log a_t(x), which sends the current task's training inputs to its own block."},
     )
+    router_pretrain_steps: int = field(
+        default=0,
+        metadata={"help": "SAPT remedy: before each task after the first, this many steps train the router alone on the "
+                          "own-block loss and ARM (no LM forward); needs --own_block_weight > 0."},
+    )
     routing_trace_every: int = field(
         default=10, metadata={"help": "SAPT: record the routing trace every N optimizer steps and at each evaluation (0: off)."}
     )

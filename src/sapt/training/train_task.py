@@ -51,9 +51,10 @@ from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of
 from .metrics import compute_metrics
 from .prediction import TestPredictions, decode, generation_settings, predict_tests, write_predictions
 from .release_training import ReleaseMode
-from .resume import latest_complete_checkpoint, remove_checkpoints
+from .resume import checkpoint_step, latest_complete_checkpoint, remove_checkpoints
 from .task_args import SaptArguments, TaskPlan, launch_defaults, parse_task_arguments, plan, task_args_record
 from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
+from .router_pretraining import pretrain_router
 from .routing_trace import RoutingTrace
 from .trainer import EveryNEpochs, KeepBestTrainable, LossTerm, SaptTrainer, StopOnSignal
 from .validation import validate_task_inputs
@@ -81,6 +82,8 @@ class TaskStep:
     trainer: SaptTrainer
     selection: KeepBestTrainable
     evaluates: bool  # the Trainer evaluates on dev (then a last evaluation closes training)
+    train_set: object
+    trace: RoutingTrace | None  # the routing trace, for routed methods
 
 
 # ---- the recipe -----------------------------------------------------------------------------------
@@ -132,11 +135,10 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
         release=release_training,
     )
     selection, evaluates = add_model_selection(trainer, args, metric, release_evaluation)
-    if probes:
-        add_routing_trace(trainer, model, probes, generation_collator, args.routing_trace_every)
+    trace = add_routing_trace(trainer, model, probes, generation_collator, args.routing_trace_every) if probes else None
     return TaskStep(
         args, training_args, task_plan, Path(training_args.output_dir), metric, tokenizer, model, earlier_dirs,
-        dev, tests, generation_collator, trainer, selection, evaluates,
+        dev, tests, generation_collator, trainer, selection, evaluates, train_set, trace,
     )
 
 
@@ -249,7 +251,7 @@ def add_model_selection(trainer: SaptTrainer, args: SaptArguments, metric: str, 
     return selection, evaluates
 
 
-def add_routing_trace(trainer: SaptTrainer, model: SaptModel, probes: dict, collator, every: int) -> None:
+def add_routing_trace(trainer: SaptTrainer, model: SaptModel, probes: dict, collator, every: int) -> RoutingTrace:
     """Record the routing of every learned task's first dev inputs while this task trains
     (sapt.training.routing_trace); the probe inputs are collated once, prompts only."""
     batches = {task: collator([dataset[i] for i in range(len(dataset))]) for task, dataset in probes.items()}
@@ -257,6 +259,7 @@ def add_routing_trace(trainer: SaptTrainer, model: SaptModel, probes: dict, coll
         model, batches, every, Path(trainer.args.output_dir), trainer.term_log, write=trainer.is_world_process_zero()
     )
     trainer.add_callback(trace)
+    return trace
 
 
 # ---- train ----------------------------------------------------------------------------------------
@@ -269,6 +272,10 @@ def train(step: TaskStep) -> dict:
         resume = latest_complete_checkpoint(step.output_dir)  # an interrupted run of this task continues
     if resume:
         logger.info("resuming %s from %s", step.args.task, resume)
+    if step.trace is not None:
+        step.trace.begin(checkpoint_step(resume) if resume else 0)
+    if not resume and step.args.router_pretrain_steps and step.plan.position > 0:
+        pretrain(step)
     stop = StopOnSignal(save=trainer.writes_checkpoints)
     trainer.add_callback(stop)
     try:
@@ -289,6 +296,20 @@ def train(step: TaskStep) -> dict:
     selection.restore()
     step.model.freeze_current_task()
     return train_result.metrics
+
+
+def pretrain(step: TaskStep) -> None:
+    """Router pretraining (sapt.training.router_pretraining) on this step's routing terms, before the task trains."""
+    if step.trace is not None:
+        step.trace.record(0, 0.0, "before_pretraining")
+    args, training_args = step.args, step.training_args
+    terms = [term for term in step.trainer.regularizers if term.name in ("own_block", "arm")]
+    pretrain_router(
+        step.model, terms, step.train_set, step.generation_collator, steps=args.router_pretrain_steps,
+        batch_size=training_args.per_device_train_batch_size,
+        learning_rate=args.router_learning_rate or training_args.learning_rate,
+        weight_decay=training_args.weight_decay, seed=training_args.seed,
+    )
 
 
 def log_zero3_split(model: SaptModel, world_size: int) -> None:

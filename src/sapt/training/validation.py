@@ -35,12 +35,17 @@ def _check_numbers(args) -> None:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UsageError(f"--{name} {value!r}: expected an integer of at least 1")
-    for name in ("arm_warmup_steps", "routing_trace_every"):
+    for name in ("arm_warmup_steps", "routing_trace_every", "router_pretrain_steps"):
         value = getattr(args, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise UsageError(f"--{name} {value!r}: expected an integer of at least 0")
     if not isinstance(args.routing_trace_inputs, int) or args.routing_trace_inputs < 1:
         raise UsageError(f"--routing_trace_inputs {args.routing_trace_inputs!r}: expected an integer of at least 1")
+    if args.router_pretrain_steps and not args.own_block_weight:
+        raise UsageError(
+            f"--router_pretrain_steps {args.router_pretrain_steps}: needs --own_block_weight > 0 (ARM alone sends "
+            "every input to the oldest block; docs/router.md)"
+        )
     if not 0 <= args.arm_target_floor < 1:
         raise UsageError(f"--arm_target_floor {args.arm_target_floor!r}: expected a number in [0, 1)")
     for name in ("lora_alpha", "kl_ratio", "orthogonal_weight", "l2_weight", "own_block_weight"):
@@ -195,6 +200,11 @@ def _check_deepspeed(args, training_args) -> None:
     if ds_config is not None and ds_config.is_zero3() and uses_blocks:
         raise UsageError(
             f"--deepspeed {training_args.deepspeed}: o_lora's regularizers need whole blocks; use ZeRO-2 (zero2.json)"
+        )
+    # Router pretraining steps a plain optimizer before the Trainer starts, on the router's whole tensors.
+    if ds_config is not None and ds_config.is_zero3() and args.router_pretrain_steps:
+        raise UsageError(
+            f"--deepspeed {training_args.deepspeed}: --router_pretrain_steps needs the router whole; use ZeRO-2 (zero2.json)"
         )
 
 

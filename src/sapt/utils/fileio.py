@@ -95,3 +95,14 @@ def staged_folder(out_dir: Path, check_still_free: Callable[[Path], None]):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def read_jsonl_prefix(path: str | Path) -> list:
+    """The records of a JSON-lines file up to its first incomplete line (a kill can cut the last one)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
