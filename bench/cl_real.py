@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -125,6 +126,12 @@ def absolute(path: str) -> str:
     return str(Path(path) if Path(path).is_absolute() else (REPO_ROOT / path).resolve())
 
 
+def pipeline_environment() -> dict:
+    """... and imports the sapt this script imports: the checkout's src/ first, as above."""
+    paths = [str(REPO_ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     """Write the method's pipeline with the generator and run it; returns the wall time in seconds."""
     run_name = f"cl_real_{method}"
@@ -144,8 +151,8 @@ def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     print(f"[cl_real] {method}: running (log: {log})", flush=True)
     start = time.perf_counter()
     with open(log, "a") as handle:
-        done = subprocess.run(
-            ["bash", str(workdir / "pipelines" / f"{run_name}.sh")],
+        done = subprocess.run(  # the pipeline runs this interpreter (the generator writes its path) ...
+            ["bash", str(workdir / "pipelines" / f"{run_name}.sh")], env=pipeline_environment(),
             stdout=handle if args.quiet else None, stderr=subprocess.STDOUT if args.quiet else handle,
         )
     seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import sapt.experiments
-from conftest import BENCHMARK, GENERATED, REPO_ROOT
+from conftest import BENCHMARK, GENERATED, LONG_TASKS, REPO_ROOT
 from sapt.config import METHODS
 from sapt.experiments.pipeline import main as pipeline_main
 from sapt.training.task_args import RELEASE_DEFAULTS, SaptArguments
@@ -69,7 +70,9 @@ def test_paper_presets_carry_the_release_hyper_parameters(tmp_path):
     assert config["deepspeed"] == str(packaged) and packaged.is_file() and config["kl_ratio"] == 1.0
     assert (REPO_ROOT / "configs" / "ds_configs" / "zero2.json").resolve() == packaged.resolve()
     assert config["save_strategy"] == "no"  # DeepSpeed's engine checkpoints are pickles: not written
-    assert "torchrun --nproc_per_node 4" in (tmp_path / "l.sh").read_text()
+    # Several processes per task: torch's launcher (torchrun) run by the generator's own interpreter.
+    text = (tmp_path / "l.sh").read_text()
+    assert '"$PYTHON" -m torch.distributed.run --nproc_per_node 4 -m sapt.train_task' in text and "torchrun" not in text
 
 
 def test_invalid_generator_arguments_exit_2():
@@ -122,6 +125,31 @@ def test_quick_pipeline_runs_end_to_end_and_continues_after_a_stop(tmp_path, pre
     assert all((outputs / s / "task_complete.json").is_file() for s in steps)
 
 
+def test_quick_pipeline_runs_its_writers_python_whatever_is_on_path(tmp_path):
+    """A virtual environment that is not activated: the pipeline is run with a PATH that lacks the
+    interpreter's folder and whose `python` fails. It builds its tiny model, trains, and scores all the same."""
+    interpreter = Path(sys.executable).parent.resolve()
+    fake = tmp_path / "fake_bin"
+    fake.mkdir()
+    for name in ("python", "python3", "torchrun"):
+        (fake / name).write_text("#!/bin/sh\necho 'the wrong python: the one on PATH' >&2\nexit 97\n")
+        (fake / name).chmod(0o755)
+    system = [d for d in ("/usr/local/bin", "/usr/bin", "/bin") if Path(d).resolve() != interpreter]
+    path = os.pathsep.join([str(fake), *system])
+    script = generate(
+        "long_t5", "--quick", "--workdir", str(tmp_path), "--output", str(tmp_path / "quick.sh"),
+        "--data_dir", str(BENCHMARK), "--gen_data_root", str(GENERATED), "--run_name", "quick",
+        "--tasks", ",".join(LONG_TASKS), "--set", "num_train_epochs=1", "--set", "max_train_samples=8",
+        "--set", "max_eval_samples=4", "--set", "max_predict_samples=4",
+    )
+    assert f"\nPYTHON={shlex.quote(sys.executable)}\n" in Path(script).read_text()
+    env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(["/bin/bash", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "the wrong python" not in done.stderr and "AP   =" in done.stdout
+    assert (tmp_path / "tiny_models" / "t5" / "config.json").is_file()
+
+
 def assert_tasks_drew_their_own_keys_and_blocks(outputs, steps):
     """Keys and LoRA A matrices of the three tasks are as dissimilar as independent draws (a few steps
     of training move them little: with shared initial draws their cosine was 0.999+)."""
@@ -158,7 +186,7 @@ def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
     # Without a model, quick mode builds its tiny one first.
     script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,b_task", "--data_dir", "data",
                                  "--workdir", str(tmp_path), "--output", str(tmp_path / "q.sh"), capsys=capsys)
-    assert "python -m sapt.tiny --family llama --out tiny_models/llama" in open(script).read()
+    assert '"$PYTHON" -m sapt.tiny --family llama --out tiny_models/llama' in open(script).read()
 
 
 @pytest.mark.parametrize("value, message", [
@@ -184,10 +212,10 @@ def test_relative_paths_are_read_and_written_under_the_workdir(tmp_path, capsys,
                                  "--run_name", "here", "--pseudo_data", "regenerate", capsys=capsys)
     assert script == str(tmp_path / "scripts" / "generated" / "here.sh")
     text = open(script).read()
-    assert f"\ncd {tmp_path}\nRUN=here\nCONFIGS={tmp_path}/scripts/generated/here\n" in text
-    pseudo = "python -m sapt.pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out "
+    assert f"\ncd {tmp_path}\nPYTHON={shlex.quote(sys.executable)}\nRUN=here\nCONFIGS={tmp_path}/scripts/generated/here\n" in text
+    pseudo = '"$PYTHON" -m sapt.pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out '
     assert f"\n{pseudo}logs_and_outputs/here/generated_data/" in text  # the installed module, not a script
-    assert text.endswith('\npython -m sapt.score "$RUN"\n') and str(REPO_ROOT) not in text
+    assert '\n"$PYTHON" -m sapt.score "$RUN"\n' in text and str(REPO_ROOT) not in text
     assert json.loads((tmp_path / "scripts" / "generated" / "here" / "1-a_task.json").read_text())["task"] == "a_task"
 
     # b_task exists only in sub/data: read against the workdir, the check passes; against the cwd it would not.
@@ -229,21 +257,22 @@ def test_default_pipeline_is_unchanged_by_seeds_support(tmp_path, capsys):
 # sapt on Long_Sequence / llama, order custom (2 tasks), quick mode
 # Written by gen_script_long_llama.py. Run it again to continue where it stopped:
 # tasks whose folder holds task_complete.json are skipped.
+# Every step runs $PYTHON, the interpreter that wrote this file ($SAPT_LAUNCH, when set, runs the tasks).
 set -euo pipefail
 cd {tmp_path}
+PYTHON={shlex.quote(sys.executable)}
 RUN=sapt_long_llama_tasks_quick
 CONFIGS={tmp_path}/p
-LAUNCH=${{SAPT_LAUNCH:-'python -m sapt.train_task'}}
 
 STEPS=(1-c_task 2-a_task)
 for STEP in "${{STEPS[@]}}"; do
   OUT="logs_and_outputs/$RUN/outputs/$STEP"
   if [ -f "$OUT/task_complete.json" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi
   echo "[pipeline] $STEP: training"
-  $LAUNCH "$CONFIGS/$STEP.json"
+  ${{SAPT_LAUNCH:-"$PYTHON" -m sapt.train_task}} "$CONFIGS/$STEP.json"
 done
 
-python -m sapt.score "$RUN" alone
+"$PYTHON" -m sapt.score "$RUN" alone
 """
     assert open(script).read() == expected
     config = json.loads((tmp_path / "p" / "2-a_task.json").read_text())
@@ -257,8 +286,8 @@ def test_seeds_pipeline_runs_each_seed_as_its_own_run(tmp_path, capsys):
     text = open(script).read()
     base = "sapt_long_llama_tasks_quick"
     assert text.index(f"RUN={base}_seed3") < text.index(f"RUN={base}_seed1")  # in the order given
-    assert text.count('$LAUNCH "$CONFIGS/$STEP.json"') == 2 and text.count('python -m sapt.score "$RUN" alone') == 2
-    assert text.rstrip().endswith(f"python -m sapt.score --aggregate {base}_seed3 {base}_seed1 --single alone")
+    assert text.count('-m sapt.train_task} "$CONFIGS/$STEP.json"') == 2 and text.count('"$PYTHON" -m sapt.score "$RUN" alone') == 2
+    assert f'\n"$PYTHON" -m sapt.score --aggregate {base}_seed3 {base}_seed1 --single alone\n' in text
     parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
     for seed in (3, 1):
         configs = sorted((tmp_path / "p" / f"seed{seed}").glob("*.json"))

@@ -10,6 +10,8 @@ Everything is written under `--workdir` (default: the directory the generator ru
 relative path is read there: the pipeline, its configs, logs_and_outputs/, results/, tiny_models/. The
 pipeline calls the installed package's entry points (`python -m sapt...`), never a file of a checkout,
 so it works the same from a clone, an editable install of another clone, or a plain `pip install .`.
+Its `python` is the interpreter that wrote it (an absolute path), not whichever is first on PATH: a
+virtual environment works without being activated.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,9 +37,12 @@ PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
 # Absolute: the pipeline runs in its --workdir, wherever the package is installed.
 DEEPSPEED_CONFIGS = {stage: str(PACKAGE_CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
+# Every step runs the interpreter that wrote the pipeline; its header sets $PYTHON to it.
+PYTHON = '"$PYTHON"'
 # What a pipeline runs besides the task steps: entry points of the installed package.
-SCORE_COMMAND = "python -m sapt.score"
-PSEUDO_DATA_COMMAND = "python -m sapt.pseudo_data"
+SCORE_COMMAND = f"{PYTHON} -m sapt.score"
+PSEUDO_DATA_COMMAND = f"{PYTHON} -m sapt.pseudo_data"
+TINY_COMMAND = f"{PYTHON} -m sapt.tiny"
 # Where a pipeline is written when --output is not given, under the workdir.
 GENERATED_PIPELINES = "scripts/generated"
 DEFAULT_SEED = 42
@@ -232,7 +238,8 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
                         help="Run the whole experiment once per seed, one after another, as runs <run>_seed<N>; "
                              "the pipeline ends with score.py --aggregate over them.")
     parser.add_argument("--gpus", type=int, default=None,
-                        help=f"Processes (GPUs) per task, >1 uses torchrun (default {settings['gpus']}; 0 with --quick).")
+                        help=f"Processes (GPUs) per task; more than 1 runs torch.distributed.run (torchrun) "
+                             f"(default {settings['gpus']}; 0 with --quick).")
     if family == "llama":
         parser.add_argument("--deepspeed", default=None, choices=sorted(DEEPSPEED_CONFIGS), help="DeepSpeed ZeRO stage config.")
     parser.add_argument("--single_run", default=None, help="Single-task run name passed to score.py for FWT.")
@@ -316,7 +323,10 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
 
 
 def _launch(exp: Experiment) -> str:
-    return "python -m sapt.train_task" if exp.gpus <= 1 else f"torchrun --nproc_per_node {exp.gpus} -m sapt.train_task"
+    """The command of a task step (before its config): $SAPT_LAUNCH when set, else this interpreter, as one
+    process or as `--gpus` processes under torch's launcher (what `torchrun` runs)."""
+    several = f" -m torch.distributed.run --nproc_per_node {exp.gpus}" if exp.gpus > 1 else ""
+    return f"${{SAPT_LAUNCH:-{PYTHON}{several} -m sapt.train_task}}"
 
 
 def _header(exp: Experiment, also: str = "") -> list[str]:
@@ -326,8 +336,10 @@ def _header(exp: Experiment, also: str = "") -> list[str]:
         + (", quick mode" if exp.quick else "") + also,
         f"# Written by gen_script_{exp.preset}.py. Run it again to continue where it stopped:",
         "# tasks whose folder holds task_complete.json are skipped.",
+        "# Every step runs $PYTHON, the interpreter that wrote this file ($SAPT_LAUNCH, when set, runs the tasks).",
         "set -euo pipefail",
         f"cd {shlex.quote(exp.workdir)}",
+        f"PYTHON={shlex.quote(sys.executable)}",
     ]
 
 
@@ -335,7 +347,7 @@ def _tiny_model_lines(exp: Experiment) -> list[str]:
     if not exp.build_tiny:
         return []
     q = shlex.quote
-    return [f"python -m sapt.tiny --family {exp.family} --out {q(exp.model_name_or_path)} "
+    return [f"{TINY_COMMAND} --family {exp.family} --out {q(exp.model_name_or_path)} "
             f"--data_dir {q(exp.data_dir)} --d_model {exp.settings['tiny_d_model']}", ""]
 
 
@@ -358,12 +370,12 @@ def _run_lines(exp: Experiment) -> list[str]:
         '  OUT="logs_and_outputs/$RUN/outputs/$STEP"',
         f'  if [ -f "$OUT/{COMPLETE_FILE}" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi',
         '  echo "[pipeline] $STEP: training"',
-        '  $LAUNCH "$CONFIGS/$STEP.json"',
+        f'  {_launch(exp)} "$CONFIGS/$STEP.json"',
         "done",
         "",
     ]
     if exp.method == "single":  # each task alone: the reference for another run's FWT, no matrix of its own
-        lines.append(f'echo "[pipeline] single-task scores for FWT: {SCORE_COMMAND} RUN {exp.run_name}"')
+        lines.append(f'echo "[pipeline] single-task scores for FWT: $PYTHON -m sapt.score RUN {exp.run_name}"')
     else:
         lines.append(f"{SCORE_COMMAND} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
     return lines
@@ -371,7 +383,7 @@ def _run_lines(exp: Experiment) -> list[str]:
 
 def render_pipeline(exp: Experiment, config_dir: str) -> str:
     q = shlex.quote
-    lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", f"LAUNCH=${{SAPT_LAUNCH:-{q(_launch(exp))}}}", ""]
+    lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", ""]
     lines += _tiny_model_lines(exp) + _run_lines(exp)
     return "\n".join(lines) + "\n"
 
@@ -385,7 +397,7 @@ def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
     q = shlex.quote
     runs = exp.seed_runs()
     lines = _header(exp, f", seeds {', '.join(map(str, exp.seeds))} one after another")
-    lines += [f"LAUNCH=${{SAPT_LAUNCH:-{q(_launch(exp))}}}", ""] + _tiny_model_lines(exp)
+    lines += [""] + _tiny_model_lines(exp)
     for run in runs:
         lines += [f"# seed {run.seed}", f"RUN={q(run.run_name)}", f"CONFIGS={q(str(seed_config_dir(config_dir, run.seed)))}"]
         lines += _run_lines(run) + [""]
