@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
+from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS, write_model_folder
 from sapt.tools import prepare_data, tiny
 
 RUN = "install_check"
@@ -113,7 +113,9 @@ def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed,
 
     # A LoRA pipeline with DeepSpeed (written, not run): its config names the installed package's file.
     deepspeed = subprocess.run(
-        [str(python), str(REPO_ROOT / "gen_script_superni_llama.py"), "--run_name", "ds", "--deepspeed", "zero2"],
+        [str(python), str(REPO_ROOT / "gen_script_superni_llama.py"), "--run_name", "ds", "--deepspeed", "zero2",
+         "--data_dir", str(BENCHMARK), "--gen_data_root", str(GENERATED), "--tasks", ",".join(SUPERNI_TASKS),
+         "--model_name_or_path", str(write_model_folder(tmp_path / "model", "llama"))],
         capture_output=True, text=True, env=env, cwd=work, timeout=300,
     )
     assert deepspeed.returncode == 0, deepspeed.stderr[-3000:]

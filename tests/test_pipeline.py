@@ -13,12 +13,19 @@ import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import sapt.experiments
-from conftest import BENCHMARK, GENERATED, LONG_TASKS, REPO_ROOT
+from conftest import BENCHMARK, GENERATED, LONG_TASKS, REPO_ROOT, write_model_folder, write_task_files
 from sapt.config import METHODS
 from sapt.experiments.pipeline import main as pipeline_main
 from sapt.training.task_args import RELEASE_DEFAULTS, SaptArguments
 
 GENERATORS = ["superni_t5", "long_t5", "superni_llama", "long_llama"]
+
+
+def own_data(workdir, tasks, under="data"):
+    """Split files of `tasks` in workdir/<under>/Long_Sequence and their pseudo samples where long_llama's
+    preset reads them (workdir/generated_data), for pipelines that are written, not run."""
+    write_task_files(workdir / under, "Long_Sequence", tasks)
+    write_task_files(workdir / "generated_data" / "lora_gen_long_llama", "Long_Sequence", tasks, splits=("pseudo",))
 
 
 def generate_in_process(preset, *args, capsys=None):
@@ -36,9 +43,10 @@ def generate(preset, *args):
 
 @pytest.mark.parametrize("preset", GENERATORS)
 @pytest.mark.parametrize("method", METHODS)
-def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, preset, method):
+def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, paper_inputs, preset, method):
     script = generate_in_process(
-        preset, "--method", method, "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), capsys=capsys
+        preset, "--method", method, "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *paper_inputs,
+        capsys=capsys,
     )
     assert script == str(tmp_path / "p.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
@@ -58,12 +66,12 @@ def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, pres
         assert previous[0] is None and all(previous[1:])
 
 
-def test_paper_presets_carry_the_release_hyper_parameters(tmp_path):
-    generate("long_t5", "--output", str(tmp_path / "p.sh"), "--order", "6")
+def test_paper_presets_carry_the_release_hyper_parameters(tmp_path, paper_inputs):
+    generate("long_t5", "--output", str(tmp_path / "p.sh"), "--order", "6", *paper_inputs)
     first = json.loads(sorted((tmp_path / "p").glob("1-*.json"))[0].read_text())
     assert first["task"] == "yelp" and first["lora_r"] == 8 and first["kl_ratio"] == 0.2
     assert first["learning_rate"] == 3e-4 and first["num_train_epochs"] == 10 and first["bf16"] is True
-    generate("superni_llama", "--output", str(tmp_path / "l.sh"), "--deepspeed", "zero2")
+    generate("superni_llama", "--output", str(tmp_path / "l.sh"), "--deepspeed", "zero2", *paper_inputs)
     config = json.loads(sorted((tmp_path / "l").glob("1-*.json"))[0].read_text())
     # The package's own file, absolute (the pipeline runs elsewhere); the checkout's configs/ links to it.
     packaged = Path(sapt.experiments.__file__).parent / "configs" / "ds_configs" / "zero2.json"
@@ -171,9 +179,8 @@ def assert_tasks_drew_their_own_keys_and_blocks(outputs, steps):
 
 def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
     """--tasks trains exactly the named tasks in that order; --quick with a model uses it and builds no tiny one."""
-    data = tmp_path / "data" / "Long_Sequence"
-    for task in ("b_task", "a_task", "c_task"):
-        (data / task).mkdir(parents=True)
+    own_data(tmp_path, ["b_task", "a_task", "c_task"])
+    write_model_folder(tmp_path / "models" / "smollm2-135m", "llama")
     script = generate_in_process(
         "long_llama", "--quick", "--tasks", "c_task,a_task", "--model_name_or_path", "models/smollm2-135m",
         "--data_dir", "data", "--workdir", str(tmp_path), "--output", str(tmp_path / "p.sh"), capsys=capsys,
@@ -193,7 +200,7 @@ def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
     ("a_task,nope", "no task folder named 'nope'"), ("a_task,a_task", "--tasks repeats a_task"), (",", "--tasks is empty"),
 ])
 def test_own_task_list_errors_are_one_line(tmp_path, value, message):
-    (tmp_path / "data" / "Long_Sequence" / "a_task").mkdir(parents=True)
+    own_data(tmp_path, ["a_task"])
     done = subprocess.run(
         [sys.executable, "gen_script_long_llama.py", "--tasks", value, "--data_dir", "data", "--workdir", str(tmp_path),
          "--output", str(tmp_path / "p.sh")], capture_output=True, text=True, cwd=REPO_ROOT,
@@ -206,8 +213,7 @@ def test_relative_paths_are_read_and_written_under_the_workdir(tmp_path, capsys,
     """No --workdir: the current directory. A relative --workdir is taken from there; a relative --output,
     --data_dir and the default pipeline path from the workdir. Nothing names the package's checkout."""
     monkeypatch.chdir(tmp_path)
-    for task in ("a_task", "c_task"):
-        (tmp_path / "data" / "Long_Sequence" / task).mkdir(parents=True)
+    own_data(tmp_path, ["a_task", "c_task"])
     script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,c_task", "--data_dir", "data",
                                  "--run_name", "here", "--pseudo_data", "regenerate", capsys=capsys)
     assert script == str(tmp_path / "scripts" / "generated" / "here.sh")
@@ -219,19 +225,20 @@ def test_relative_paths_are_read_and_written_under_the_workdir(tmp_path, capsys,
     assert json.loads((tmp_path / "scripts" / "generated" / "here" / "1-a_task.json").read_text())["task"] == "a_task"
 
     # b_task exists only in sub/data: read against the workdir, the check passes; against the cwd it would not.
-    (tmp_path / "sub" / "data" / "Long_Sequence" / "b_task").mkdir(parents=True)
+    own_data(tmp_path / "sub", ["b_task"])
     script = generate_in_process("long_llama", "--quick", "--tasks", "b_task", "--data_dir", "data",
                                  "--workdir", "sub", "--output", "p.sh", capsys=capsys)
     assert script == str(tmp_path / "sub" / "p.sh") and f"\ncd {tmp_path / 'sub'}\n" in open(script).read()
     assert (tmp_path / "sub" / "p" / "1-b_task.json").is_file()
-    with pytest.raises(SystemExit):  # the same task list, read in the current directory's data/
-        pipeline_main("long_llama", ["--quick", "--tasks", "b_task", "--data_dir", "data"])
+    # The same task list, read in the current directory's data/
+    assert pipeline_main("long_llama", ["--quick", "--tasks", "b_task", "--data_dir", "data"]) == 2
     assert "no task folder named 'b_task'" in capsys.readouterr().err
 
 
-def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_path, capsys):
+def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_path, capsys, paper_inputs):
     def first_config(*extra):
-        generate_in_process("long_t5", "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *extra, capsys=capsys)
+        generate_in_process("long_t5", "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *paper_inputs,
+                            *extra, capsys=capsys)
         return json.loads(sorted((tmp_path / "p").glob("1-*.json"))[0].read_text())
 
     assert first_config()["per_device_eval_batch_size"] == 32  # the preset's 16, doubled
@@ -244,8 +251,8 @@ def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_p
 
 
 def own_order_args(tmp_path, *extra, output="p.sh"):
-    for task in ("a_task", "c_task"):
-        (tmp_path / "data" / "Long_Sequence" / task).mkdir(parents=True, exist_ok=True)
+    own_data(tmp_path, ["a_task", "c_task"])
+    write_model_folder(tmp_path / "models" / "x", "llama")
     return ["--quick", "--tasks", "c_task,a_task", "--model_name_or_path", "models/x", "--data_dir", "data",
             "--workdir", str(tmp_path), "--output", str(tmp_path / output), *extra]
 

@@ -21,15 +21,16 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import METHODS
 from ..run_files import COMPLETE_FILE, task_dir_name
-from ..training.data import DataError, find_task
+from ..training.data import DataError
+from ..training.preflight import check_split_file, locate_backbone, pseudo_files, split_files
 from ..training.release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
-from ..training.task_args import check_task_overrides
-from ..utils.cli import OneLineArgumentParser
+from ..training.task_args import SaptArguments, check_task_overrides, plan
+from ..utils.cli import OneLineArgumentParser, UsageError, report_error
 from ..utils.fileio import write_json_atomic, write_text_atomic
 
 # Presets, task orders and DeepSpeed configs are package data (the checkout's top-level configs/ links here).
@@ -193,21 +194,14 @@ def parse_seeds(value: str, parser: argparse.ArgumentParser) -> list[int]:
     return seeds
 
 
-def own_tasks(value: str, data_dir: Path, parser: argparse.ArgumentParser) -> list[str]:
-    """The task folders named by --tasks, in that order; each must exist when the data is already there
-    (a pipeline written before `make data` is checked when it runs)."""
+def own_tasks(value: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The task folders named by --tasks, in that order (check_inputs looks for them)."""
     tasks = [t.strip() for t in value.split(",") if t.strip()]
     if not tasks:
         parser.error("--tasks is empty")
     repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     if repeated:
         parser.error(f"--tasks repeats {', '.join(repeated)}")
-    if data_dir.is_dir():
-        for task in tasks:
-            try:
-                find_task(data_dir, task)
-            except DataError as err:
-                parser.error(str(err))
     return tasks
 
 
@@ -276,7 +270,7 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
         parser.error("give --seeds or a single seed (--seed, --set seed=...), not both")
     tasks = list(orders[settings["benchmark"]][ns.order])
     if ns.tasks is not None:
-        tasks = own_tasks(ns.tasks, workdir / ns.data_dir, parser)
+        tasks = own_tasks(ns.tasks, parser)
     model = ns.model_name_or_path or settings["model_name_or_path"]
     if ns.quick:
         settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
@@ -320,6 +314,50 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     )
     output = Path(ns.output or f"{GENERATED_PIPELINES}/{run_name}" + ("_seeds" if seeds else "") + ".sh")
     return experiment, workdir / output  # an absolute --output stays as given
+
+
+# ---- pre-flight: what the pipeline's steps will read, checked before anything is written -----------
+def step_arguments(exp: Experiment, position: int) -> SaptArguments:
+    """The sapt.train_task arguments of one step, its paths read under the workdir (as the pipeline runs)."""
+    names = {f.name for f in fields(SaptArguments)}
+    args = SaptArguments(**{k: v for k, v in exp.task_arguments(position).items() if k in names})
+    args.data_dir = str(Path(exp.workdir) / args.data_dir)
+    if args.gen_data_dir:
+        args.gen_data_dir = str(Path(exp.workdir) / args.gen_data_dir)
+    return args
+
+
+def check_inputs(exp: Experiment) -> str:
+    """For every step of the pipeline, the split files its plan reads (sapt.training.task_args.plan) are there
+    and parse, and so are ARM's pseudo samples unless the pipeline writes them first; the model is on this
+    machine unless quick mode builds it. Returns what was found for the model; DataError or UsageError."""
+    workdir = Path(exp.workdir)
+    if not (workdir / exp.data_dir).is_dir():
+        raise DataError(f"{workdir / exp.data_dir}: data folder does not exist; run `make data` in {workdir} or pass --data_dir")
+    checked: set[Path] = set()
+    for position in exp.positions():
+        args = step_arguments(exp, position)
+        task_plan = plan(args)
+        step = task_dir_name(position, args.task)
+        files = [(path, f"step {step} reads it: restore it (`make data`) or leave its task out (--tasks)")
+                 for path in split_files(args.data_dir, task_plan)]
+        if task_plan.pseudo_tasks and exp.pseudo_data == "shipped":
+            hint = ("ARM reads every earlier task's pseudo samples: pass --gen_data_root, or --pseudo_data regenerate "
+                    "(the pipeline writes them) or none (no ARM)")
+            try:
+                files += [(path, hint) for path in pseudo_files(args.gen_data_dir, task_plan)]
+            except DataError as err:
+                raise DataError(f"{err}; {hint}") from None
+        for path, hint in files:
+            if path not in checked:
+                try:
+                    check_split_file(path)
+                except DataError as err:
+                    raise DataError(f"{err}; {hint}") from None
+                checked.add(path)
+    if exp.build_tiny:
+        return f"a tiny random {exp.family} model, which the pipeline builds first in {exp.model_name_or_path}"
+    return locate_backbone(exp.model_name_or_path, workdir)
 
 
 def _launch(exp: Experiment) -> str:
@@ -430,8 +468,13 @@ def write_experiment(exp: Experiment, output: Path) -> Path:
 
 def main(preset: str, argv: list[str] | None = None) -> int:
     experiment, output = make_experiment(preset, argv)
+    try:
+        model = check_inputs(experiment)
+    except (DataError, UsageError) as err:
+        return report_error(f"gen_script_{preset}.py", err)
     path = write_experiment(experiment, output)
     runs = ", ".join(r.run_name for r in experiment.seed_runs()) if experiment.seeds else experiment.run_name
+    print(f"model: {model}")
     print(f"{experiment.method}: {len(experiment.positions())} task step(s) of {runs}; run with: bash {path}")
     print(path)
     return 0
