@@ -155,6 +155,8 @@ def test_quick_pipeline_runs_its_writers_python_whatever_is_on_path(tmp_path):
     done = subprocess.run(["/bin/bash", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "the wrong python" not in done.stderr and "AP   =" in done.stdout
+    # Quick mode says what its numbers mean, last.
+    assert done.stdout.rstrip().splitlines()[-1].startswith("[pipeline] quick mode: a tiny RANDOM model")
     assert (tmp_path / "tiny_models" / "t5" / "config.json").is_file()
 
 
@@ -187,13 +189,15 @@ def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
     )
     text = open(script).read()
     assert "sapt.tiny" not in text and "STEPS=(1-c_task 2-a_task)" in text
+    assert "quick mode: a few steps on a few examples per task" in text and "RANDOM" not in text
     configs = [json.loads(p.read_text()) for p in sorted((tmp_path / "p").glob("*.json"))]
     assert [c["task"] for c in configs] == ["c_task", "a_task"]
     assert all(c["model_name_or_path"] == "models/smollm2-135m" and c["task_order"] == "c_task,a_task" for c in configs)
     # Without a model, quick mode builds its tiny one first.
     script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,b_task", "--data_dir", "data",
                                  "--workdir", str(tmp_path), "--output", str(tmp_path / "q.sh"), capsys=capsys)
-    assert '"$PYTHON" -m sapt.tiny --family llama --out tiny_models/llama' in open(script).read()
+    text = open(script).read()
+    assert '"$PYTHON" -m sapt.tiny --family llama --out tiny_models/llama' in text and "tiny RANDOM model" in text
 
 
 @pytest.mark.parametrize("value, message", [

@@ -419,10 +419,22 @@ def _run_lines(exp: Experiment) -> list[str]:
     return lines
 
 
+def _quick_note(exp: Experiment) -> list[str]:
+    """What quick mode's scores mean, said after them."""
+    if not exp.quick:
+        return []
+    if exp.build_tiny:
+        note = ("quick mode: a tiny RANDOM model trained for a few steps, so scores near 0 are expected: they show "
+                "that the harness runs end to end, not what the method does (give --model_name_or_path a real model for that)")
+    else:
+        note = "quick mode: a few steps on a few examples per task: the scores show the harness at work, not the paper's numbers"
+    return ["", f"echo {shlex.quote('[pipeline] ' + note)}"]
+
+
 def render_pipeline(exp: Experiment, config_dir: str) -> str:
     q = shlex.quote
     lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", ""]
-    lines += _tiny_model_lines(exp) + _run_lines(exp)
+    lines += _tiny_model_lines(exp) + _run_lines(exp) + _quick_note(exp)
     return "\n".join(lines) + "\n"
 
 
@@ -442,7 +454,7 @@ def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
     if exp.method != "single":
         single = f" --single {q(exp.single_run)}" if exp.single_run else ""
         lines.append(f"{SCORE_COMMAND} --aggregate {' '.join(q(r.run_name) for r in runs)}{single}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _quick_note(exp)) + "\n"
 
 
 def write_configs(exp: Experiment, config_dir: Path) -> None:
