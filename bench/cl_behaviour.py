@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sapt.experiments import cl_metrics
     from sapt.tools.synthetic import write_synthetic_benchmark
+    from sapt.utils.logs import setup_cli_logging
 
     quiet = not args.verbose
     if quiet:
@@ -205,9 +206,7 @@ def main(argv=None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        logging.basicConfig(level=logging.WARNING)
-        for name in ("sapt", "sapt.tools.tiny", "sapt.prepare_data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    setup_cli_logging(logging.WARNING if quiet else logging.INFO)
     write_synthetic_benchmark(workdir, seed=0)
     model = build_backbone(workdir, s)
     built = time.perf_counter()

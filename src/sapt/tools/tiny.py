@@ -40,7 +40,7 @@ from transformers import (
 from ..training.collators import pad_rows
 from ..training.data import DataError, format_prompt, read_split_file
 from ..utils.cli import OneLineArgumentParser, report_error
-from ..utils.logs import stdout_kept_for_results
+from ..utils.logs import setup_cli_logging, stdout_kept_for_results
 from .prepare_data import SOURCE_ENV, SourceError, find_source
 
 logger = logging.getLogger(__name__)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain_steps", type=int, default=0,
                         help="self-supervised pretraining steps after random init (0: none, random weights)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     try:
         with stdout_kept_for_results():
             out = build_tiny_model(
