@@ -188,3 +188,12 @@ def test_default_data_source_is_read_beside_the_working_directory(tmp_path, monk
     monkeypatch.delenv(prepare_data.SOURCE_ENV)
     assert tiny.default_data_dir() == old
     assert f"${tiny.DEPRECATED_DATA_ENV} is deprecated" in caplog.text
+
+
+def test_console_scripts_run_from_the_install(installed, tmp_path):
+    """`sapt-score` and friends (pyproject's scripts) are installed beside the venv's python and run it."""
+    python, _ = installed
+    done = subprocess.run([str(python.parent / "sapt-score"), "no_such_run"], capture_output=True, text=True,
+                          env=venv_env(python.parent.parent, activated=False), cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("score.py: error: run 'no_such_run' not found"), done.stderr
+    assert (python.parent / "sapt-gen-long-t5").is_file() and (python.parent / "sapt-train-task").is_file()

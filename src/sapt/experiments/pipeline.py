@@ -496,3 +496,21 @@ def main(preset: str, argv: list[str] | None = None) -> int:
     print(f"{experiment.method}: {len(experiment.positions())} task step(s) of {runs}; run with: bash {path}")
     print(path)
     return 0
+
+
+# Console scripts sapt-gen-<preset> (pyproject.toml): the commands of the top-level gen_script_<preset>.py,
+# for an install without a checkout.
+def superni_t5() -> int:
+    return main("superni_t5")
+
+
+def long_t5() -> int:
+    return main("long_t5")
+
+
+def superni_llama() -> int:
+    return main("superni_llama")
+
+
+def long_llama() -> int:
+    return main("long_llama")
