@@ -284,6 +284,8 @@ for STEP in "${{STEPS[@]}}"; do
 done
 
 "$PYTHON" -m sapt.score "$RUN" alone
+
+echo '[pipeline] quick mode: a few steps on a few examples per task: the scores show the harness at work, not numbers comparable to the paper'
 """
     assert open(script).read() == expected
     config = json.loads((tmp_path / "p" / "2-a_task.json").read_text())

@@ -433,7 +433,7 @@ def _quick_note(exp: Experiment) -> list[str]:
         note = ("quick mode: a tiny RANDOM model trained for a few steps, so scores near 0 are expected: they show "
                 "that the harness runs end to end, not what the method does (give --model_name_or_path a real model for that)")
     else:
-        note = "quick mode: a few steps on a few examples per task: the scores show the harness at work, not the paper's numbers"
+        note = "quick mode: a few steps on a few examples per task: the scores show the harness at work, not numbers comparable to the paper"
     return ["", f"echo {shlex.quote('[pipeline] ' + note)}"]
 
 
