@@ -338,11 +338,11 @@ def check_inputs(exp: Experiment) -> str:
     and parse, and so are ARM's pseudo samples unless the pipeline writes them first; the model is on this
     machine unless quick mode builds it. Returns what was found for the model; DataError or UsageError."""
     workdir = Path(exp.workdir)
-    if not (workdir / exp.data_dir).is_dir():
-        raise DataError(f"{workdir / exp.data_dir}: data folder does not exist; run `make data` in {workdir} or pass --data_dir")
     checked: set[Path] = set()
     for position in exp.positions():
         args = step_arguments(exp, position)
+        if not Path(args.data_dir).is_dir():
+            raise DataError(f"{args.data_dir}: data folder does not exist; run `make data` in {workdir} or pass --data_dir")
         task_plan = plan(args)
         step = task_dir_name(position, args.task)
         files = [(path, f"step {step} reads it: restore it (`make data`) or leave its task out (--tasks)")
