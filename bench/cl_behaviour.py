@@ -73,10 +73,12 @@ SMOKE = dict(
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS))
+def build_parser() -> argparse.ArgumentParser:
+    from sapt.utils.cli import HelpWithDefaults
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method (1 with --smoke)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, any of {','.join(METHODS)}")
     p.add_argument("--smoke", action="store_true", help="1 seed, 2 tasks, a few steps")
     p.add_argument("--workdir", default=None,
                    help="keep the data, backbone and runs here (default: a temporary folder, deleted at the end)")
@@ -87,7 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in SETTINGS.items():
         kind = float if key in ("learning_rate", "router_learning_rate", "kl_ratio", "attn_temperature") else int
         p.add_argument(f"--{key}", type=kind, default=None, help=f"default {value}")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def settings_of(args) -> dict:
@@ -198,6 +204,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from sapt.experiments import cl_metrics
     from sapt.tools.synthetic import write_synthetic_benchmark
+    from sapt.utils.logs import setup_cli_logging
 
     quiet = not args.verbose
     if quiet:
@@ -205,9 +212,7 @@ def main(argv=None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        logging.basicConfig(level=logging.WARNING)
-        for name in ("sapt", "sapt.tools.tiny", "sapt.prepare_data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    setup_cli_logging(logging.WARNING if quiet else logging.INFO)
     write_synthetic_benchmark(workdir, seed=0)
     model = build_backbone(workdir, s)
     built = time.perf_counter()

@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -52,6 +53,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from sapt.run_files import RESULTS_FILE, ROUTING_FILE, task_dir_name  # noqa: E402
 from sapt.experiments.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
 from sapt.experiments.pipeline import main as write_pipeline, parse_set  # noqa: E402
+from sapt.utils.cli import HelpWithDefaults  # noqa: E402
 
 PRESET = "long_llama"
 DEFAULT_MODEL = "models/smollm2-135m"
@@ -101,21 +103,26 @@ def default_tasks(data_dir: str) -> list[str]:
     return list(json.loads(synthetic.read_text())["orders"]["Long_Sequence"])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
+    parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="model folder (relative to the repository)")
     parser.add_argument("--tasks", default=None,
                         help=f"task folders, in training order (default {','.join(DEFAULT_TASKS)}; on the synthetic benchmark, its order)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {','.join(METHODS)} (single always runs, for FWT)")
     parser.add_argument("--data_dir", default="CL_Benchmark", help="benchmark root (relative to the repository)")
     parser.add_argument("--gen_data_root", default="generated_data", help="folder holding lora_gen_long_llama")
     parser.add_argument("--workdir", default="bench_runs/cl_real", help="where runs are written")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="seed of every task step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     parser.add_argument("--no_single", action="store_true", help="skip the single-task runs (no FWT)")
     parser.add_argument("--smoke", action="store_true", help="two tasks, a few examples: shows the harness runs")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     parser.add_argument("--quiet", action="store_true", help="keep the pipelines' logs in files only")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(args.data_dir)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -131,6 +138,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def absolute(path: str) -> str:
     return str(Path(path) if Path(path).is_absolute() else (REPO_ROOT / path).resolve())
+
+
+def pipeline_environment() -> dict:
+    """... and imports the sapt this script imports: the checkout's src/ first, as above."""
+    paths = [str(REPO_ROOT / "src"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def run_method(method: str, args, settings: dict, workdir: Path) -> float:
@@ -154,8 +167,8 @@ def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     print(f"[cl_real] {method}: running (log: {log})", flush=True)
     start = time.perf_counter()
     with open(log, "a") as handle:
-        done = subprocess.run(
-            ["bash", str(workdir / "pipelines" / f"{run_name}.sh")],
+        done = subprocess.run(  # the pipeline runs this interpreter (the generator writes its path) ...
+            ["bash", str(workdir / "pipelines" / f"{run_name}.sh")], env=pipeline_environment(),
             stdout=handle if args.quiet else None, stderr=subprocess.STDOUT if args.quiet else handle,
         )
     seconds = time.perf_counter() - start

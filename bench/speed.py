@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sapt.config import SaptConfig
+from sapt.utils.cli import HelpWithDefaults
 from sapt.layer import SaptLinear
 from sapt.model import SaptModel
 
@@ -458,8 +459,8 @@ def targets(all_results: dict, args) -> tuple[str, list[dict]]:
     return "\n".join(lines), checks
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpWithDefaults)
     parser.add_argument("--smoke", action="store_true", help="tiny models, 1 repeat, blocks 1 and 3")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; 1 with --smoke)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -473,10 +474,15 @@ def parse_args(argv=None):
                         help="torch.set_num_threads (default: torch's; 1 with --smoke, which is tiny and only "
                         "loses to thread hand-offs, badly so on a busy machine)")
     parser.add_argument("--json", default=None, help="write every measurement here")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the models run")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--models", default="t5,llama")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="t5,llama", help="comma-separated, any of t5, llama, smollm2 (random weights in those models' shapes, see above)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     smoke = args.smoke
     defaults = {"repeats": 1 if smoke else 3, "warmup": 1, "gen_warmup": 1,

@@ -3,20 +3,21 @@
 # in bf16, and print the tables. Usage (from anywhere): bash scripts/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}  # e.g. PYTHON=venv/bin/python: no need to activate the environment
 OUT_DIR=${1:-gpu_check_out}
 mkdir -p "$OUT_DIR"
 WORK=$(mktemp -d)
 nvidia-smi -L || { echo "gpu_check: no CUDA GPU visible" >&2; exit 2; }
-python -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
+$PYTHON -c "import torch; assert torch.cuda.is_available(); print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
 
 echo "== speed benchmark (CUDA, bf16 autocast) =="
-python bench/speed.py --device cuda --bf16 --models t5,llama,smollm2 --repeats 5 --warmup 2 --gen-warmup 1 --json "$OUT_DIR/speed_cuda.json" | tee "$OUT_DIR/speed_cuda.md"
+$PYTHON bench/speed.py --device cuda --bf16 --models t5,llama,smollm2 --repeats 5 --warmup 2 --gen-warmup 1 --json "$OUT_DIR/speed_cuda.json" | tee "$OUT_DIR/speed_cuda.md"
 bench_status=${PIPESTATUS[0]}
 
 echo "== quick SAPT pipeline on the GPU in bf16 =="
-python -m sapt.prepare_data --synthetic --dest "$WORK" > /dev/null 2>&1 || true
+$PYTHON -m sapt.prepare_data --synthetic --dest "$WORK" > /dev/null 2>&1 || true
 DATA=${SAPT_DATA_SOURCE:-$WORK}
-python gen_script_long_t5.py --quick --run_name gpu_check --workdir "$WORK" --output "$WORK/gpu_check.sh" \
+$PYTHON gen_script_long_t5.py --quick --run_name gpu_check --workdir "$WORK" --output "$WORK/gpu_check.sh" \
     --data_dir "$DATA/CL_Benchmark" --gen_data_root "$DATA/generated_data" --set bf16=true > /dev/null
 bash "$WORK/gpu_check.sh" 2>&1 | tail -25 | tee "$OUT_DIR/pipeline.txt"
 pipeline_status=${PIPESTATUS[0]}

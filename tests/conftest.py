@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -127,6 +128,48 @@ def sample_batch(family: str, batch: int = 3, length: int = 7, seed: int = 0):
         labels = input_ids.clone()
         labels[:, : length // 2] = -100  # first half is the prompt
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def write_task_files(data_dir: Path, benchmark: str, tasks, splits=("train", "dev", "test")) -> None:
+    """One-instance split files of `tasks` under data_dir/benchmark: enough for the generators' checks,
+    not for training."""
+    for task in tasks:
+        folder = data_dir / benchmark / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split in splits:
+            instance = {"input": f"an input of {task}", "output": "" if split == "pseudo" else "yes"}
+            name = "train" if split == "pseudo" else split  # pseudo samples sit where train would
+            (folder / f"{name}.json").write_text(json.dumps({"Definition": [f"Do {task}."], "Instances": [instance]}))
+
+
+def write_model_folder(folder: Path, model_type: str = "t5") -> Path:
+    """A stand-in backbone folder (a config and a tokenizer file) for pipelines that are written, not run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def paper_inputs(tmp_path_factory) -> list[str]:
+    """Generator flags (--data_dir, --gen_data_root, --model_name_or_path) for writing, not running, the paper's
+    pipelines: split files of every task of every order, pseudo samples for every preset, a stand-in model."""
+    from sapt.experiments.pipeline import PACKAGE_CONFIGS
+
+    root = tmp_path_factory.mktemp("paper_inputs")
+    orders = json.loads((PACKAGE_CONFIGS / "orders.json").read_text())
+    presets = json.loads((PACKAGE_CONFIGS / "presets.json").read_text())
+    for benchmark, by_number in orders.items():
+        if benchmark.startswith("_"):
+            continue
+        tasks = sorted({task for order in by_number.values() for task in order})
+        write_task_files(root / "CL_Benchmark", benchmark, tasks)
+        for preset in presets.values():
+            if isinstance(preset, dict) and preset.get("benchmark") == benchmark:
+                write_task_files(root / "generated_data" / preset["gen_data"], benchmark, tasks, splits=("pseudo",))
+    model = write_model_folder(root / "model")
+    return ["--data_dir", str(root / "CL_Benchmark"), "--gen_data_root", str(root / "generated_data"),
+            "--model_name_or_path", str(model)]
 
 
 @pytest.fixture(scope="session")

@@ -95,7 +95,8 @@ def test_aggregate_over_three_seeds_against_hand_values(tmp_path, root, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     record = json.loads((results / "sapt_aggregate.json").read_text())
-    assert (results / "sapt_aggregate.txt").read_text() == out
+    # Printed: the table (the .txt file), then the files written.
+    assert out == (results / "sapt_aggregate.txt").read_text() + f"\nwrote {results}/sapt_aggregate.txt, {results}/sapt_aggregate.json\n"
     assert [r["run"] for r in record["runs"]] == ["sapt_seed1", "sapt_seed2", "sapt_seed3"]
     assert [r["seed"] for r in record["runs"]] == [1, 2, 3]
     assert record["conditions"] == {"protocol": "paper", "metric": "exact_match", "model": "models/smollm2-135m"}

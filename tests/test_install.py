@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
+from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS, write_model_folder
 from sapt.tools import prepare_data, tiny
 
 RUN = "install_check"
@@ -69,10 +69,11 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     return install_into_venv(tmp_path_factory.mktemp("install"))
 
 
-def venv_env(venv: Path) -> dict:
+def venv_env(venv: Path, activated: bool = True) -> dict:
+    """The environment of a venv's python, activated (its bin/ first on PATH) or not (PATH as it was)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", "PYTHONNOUSERSITE": "1",
-            "PYTHONUNBUFFERED": "1"}
+    path = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}" if activated else env.get("PATH", "")
+    return {**env, "PATH": path, "PYTHONNOUSERSITE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def inside(path: str | Path, folder: Path) -> bool:
@@ -81,11 +82,12 @@ def inside(path: str | Path, folder: Path) -> bool:
 
 def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed, tmp_path):
     python, purelib = installed
-    env = venv_env(python.parent.parent)
+    env = venv_env(python.parent.parent, activated=False)  # called by its path, as `venv/bin/python gen_script...`
     where = subprocess.run([str(python), "-c", "import sapt.experiments.pipeline as p; print(p.__file__)"], capture_output=True,
                            text=True, env=env, cwd=tmp_path, check=True).stdout.strip()
     assert inside(where, purelib) and not inside(where, REPO_ROOT), where
-    assert Path(shutil.which("python", path=env["PATH"])).parent == python.parent  # the pipeline's `python`
+    on_path = shutil.which("python", path=env["PATH"])
+    assert on_path is None or Path(on_path).parent != python.parent  # not the venv's: the pipeline must name it
     packaged = purelib / "sapt" / "experiments" / "configs"
     shipped = {str(p.relative_to(packaged)): p.read_bytes() for p in packaged.rglob("*.json")}
     assert sorted(shipped) == ["ds_configs/zero2.json", "ds_configs/zero3.json", "orders.json", "presets.json"]
@@ -106,11 +108,14 @@ def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed,
     script = work / "scripts" / "generated" / f"{RUN}.sh"
     assert generate.stdout.strip().splitlines()[-1] == str(script)
     text = script.read_text()
-    assert f"\ncd {work}\n" in text and "python -m sapt.score \"$RUN\"\n" in text and str(REPO_ROOT) not in text
+    assert f"\ncd {work}\nPYTHON={python}\n" in text and '"$PYTHON" -m sapt.score "$RUN"\n' in text
+    assert str(REPO_ROOT) not in text
 
     # A LoRA pipeline with DeepSpeed (written, not run): its config names the installed package's file.
     deepspeed = subprocess.run(
-        [str(python), str(REPO_ROOT / "gen_script_superni_llama.py"), "--run_name", "ds", "--deepspeed", "zero2"],
+        [str(python), str(REPO_ROOT / "gen_script_superni_llama.py"), "--run_name", "ds", "--deepspeed", "zero2",
+         "--data_dir", str(BENCHMARK), "--gen_data_root", str(GENERATED), "--tasks", ",".join(SUPERNI_TASKS),
+         "--model_name_or_path", str(write_model_folder(tmp_path / "model", "llama"))],
         capture_output=True, text=True, env=env, cwd=work, timeout=300,
     )
     assert deepspeed.returncode == 0, deepspeed.stderr[-3000:]
@@ -183,3 +188,12 @@ def test_default_data_source_is_read_beside_the_working_directory(tmp_path, monk
     monkeypatch.delenv(prepare_data.SOURCE_ENV)
     assert tiny.default_data_dir() == old
     assert f"${tiny.DEPRECATED_DATA_ENV} is deprecated" in caplog.text
+
+
+def test_console_scripts_run_from_the_install(installed, tmp_path):
+    """`sapt-score` and friends (pyproject's scripts) are installed beside the venv's python and run it."""
+    python, _ = installed
+    done = subprocess.run([str(python.parent / "sapt-score"), "no_such_run"], capture_output=True, text=True,
+                          env=venv_env(python.parent.parent, activated=False), cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("score.py: error: run 'no_such_run' not found"), done.stderr
+    assert (python.parent / "sapt-gen-long-t5").is_file() and (python.parent / "sapt-train-task").is_file()

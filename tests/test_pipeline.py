@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,19 @@ import torch
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import sapt.experiments
-from conftest import BENCHMARK, GENERATED, REPO_ROOT
+from conftest import BENCHMARK, GENERATED, LONG_TASKS, REPO_ROOT, write_model_folder, write_task_files
 from sapt.config import METHODS
 from sapt.experiments.pipeline import main as pipeline_main
 from sapt.training.task_args import RELEASE_DEFAULTS, SaptArguments
 
 GENERATORS = ["superni_t5", "long_t5", "superni_llama", "long_llama"]
+
+
+def own_data(workdir, tasks, under="data"):
+    """Split files of `tasks` in workdir/<under>/Long_Sequence and their pseudo samples where long_llama's
+    preset reads them (workdir/generated_data), for pipelines that are written, not run."""
+    write_task_files(workdir / under, "Long_Sequence", tasks)
+    write_task_files(workdir / "generated_data" / "lora_gen_long_llama", "Long_Sequence", tasks, splits=("pseudo",))
 
 
 def generate_in_process(preset, *args, capsys=None):
@@ -35,9 +43,10 @@ def generate(preset, *args):
 
 @pytest.mark.parametrize("preset", GENERATORS)
 @pytest.mark.parametrize("method", METHODS)
-def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, preset, method):
+def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, paper_inputs, preset, method):
     script = generate_in_process(
-        preset, "--method", method, "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), capsys=capsys
+        preset, "--method", method, "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *paper_inputs,
+        capsys=capsys,
     )
     assert script == str(tmp_path / "p.sh")
     assert subprocess.run(["bash", "-n", script]).returncode == 0
@@ -57,19 +66,21 @@ def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, pres
         assert previous[0] is None and all(previous[1:])
 
 
-def test_paper_presets_carry_the_release_hyper_parameters(tmp_path):
-    generate("long_t5", "--output", str(tmp_path / "p.sh"), "--order", "6")
+def test_paper_presets_carry_the_release_hyper_parameters(tmp_path, paper_inputs):
+    generate("long_t5", "--output", str(tmp_path / "p.sh"), "--order", "6", *paper_inputs)
     first = json.loads(sorted((tmp_path / "p").glob("1-*.json"))[0].read_text())
     assert first["task"] == "yelp" and first["lora_r"] == 8 and first["kl_ratio"] == 0.2
     assert first["learning_rate"] == 3e-4 and first["num_train_epochs"] == 10 and first["bf16"] is True
-    generate("superni_llama", "--output", str(tmp_path / "l.sh"), "--deepspeed", "zero2")
+    generate("superni_llama", "--output", str(tmp_path / "l.sh"), "--deepspeed", "zero2", *paper_inputs)
     config = json.loads(sorted((tmp_path / "l").glob("1-*.json"))[0].read_text())
     # The package's own file, absolute (the pipeline runs elsewhere); the checkout's configs/ links to it.
     packaged = Path(sapt.experiments.__file__).parent / "configs" / "ds_configs" / "zero2.json"
     assert config["deepspeed"] == str(packaged) and packaged.is_file() and config["kl_ratio"] == 1.0
     assert (REPO_ROOT / "configs" / "ds_configs" / "zero2.json").resolve() == packaged.resolve()
     assert config["save_strategy"] == "no"  # DeepSpeed's engine checkpoints are pickles: not written
-    assert "torchrun --nproc_per_node 4" in (tmp_path / "l.sh").read_text()
+    # Several processes per task: torch's launcher (torchrun) run by the generator's own interpreter.
+    text = (tmp_path / "l.sh").read_text()
+    assert '"$PYTHON" -m torch.distributed.run --nproc_per_node 4 -m sapt.train_task' in text and "torchrun" not in text
 
 
 def test_invalid_generator_arguments_exit_2():
@@ -122,6 +133,33 @@ def test_quick_pipeline_runs_end_to_end_and_continues_after_a_stop(tmp_path, pre
     assert all((outputs / s / "task_complete.json").is_file() for s in steps)
 
 
+def test_quick_pipeline_runs_its_writers_python_whatever_is_on_path(tmp_path):
+    """A virtual environment that is not activated: the pipeline is run with a PATH that lacks the
+    interpreter's folder and whose `python` fails. It builds its tiny model, trains, and scores all the same."""
+    interpreter = Path(sys.executable).parent.resolve()
+    fake = tmp_path / "fake_bin"
+    fake.mkdir()
+    for name in ("python", "python3", "torchrun"):
+        (fake / name).write_text("#!/bin/sh\necho 'the wrong python: the one on PATH' >&2\nexit 97\n")
+        (fake / name).chmod(0o755)
+    system = [d for d in ("/usr/local/bin", "/usr/bin", "/bin") if Path(d).resolve() != interpreter]
+    path = os.pathsep.join([str(fake), *system])
+    script = generate(
+        "long_t5", "--quick", "--workdir", str(tmp_path), "--output", str(tmp_path / "quick.sh"),
+        "--data_dir", str(BENCHMARK), "--gen_data_root", str(GENERATED), "--run_name", "quick",
+        "--tasks", ",".join(LONG_TASKS), "--set", "num_train_epochs=1", "--set", "max_train_samples=8",
+        "--set", "max_eval_samples=4", "--set", "max_predict_samples=4",
+    )
+    assert f"\nPYTHON={shlex.quote(sys.executable)}\n" in Path(script).read_text()
+    env = {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(["/bin/bash", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "the wrong python" not in done.stderr and "AP   =" in done.stdout
+    # Quick mode says what its numbers mean, last.
+    assert done.stdout.rstrip().splitlines()[-1].startswith("[pipeline] quick mode: a tiny RANDOM model")
+    assert (tmp_path / "tiny_models" / "t5" / "config.json").is_file()
+
+
 def assert_tasks_drew_their_own_keys_and_blocks(outputs, steps):
     """Keys and LoRA A matrices of the three tasks are as dissimilar as independent draws (a few steps
     of training move them little: with shared initial draws their cosine was 0.999+)."""
@@ -143,29 +181,30 @@ def assert_tasks_drew_their_own_keys_and_blocks(outputs, steps):
 
 def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
     """--tasks trains exactly the named tasks in that order; --quick with a model uses it and builds no tiny one."""
-    data = tmp_path / "data" / "Long_Sequence"
-    for task in ("b_task", "a_task", "c_task"):
-        (data / task).mkdir(parents=True)
+    own_data(tmp_path, ["b_task", "a_task", "c_task"])
+    write_model_folder(tmp_path / "models" / "smollm2-135m", "llama")
     script = generate_in_process(
         "long_llama", "--quick", "--tasks", "c_task,a_task", "--model_name_or_path", "models/smollm2-135m",
         "--data_dir", "data", "--workdir", str(tmp_path), "--output", str(tmp_path / "p.sh"), capsys=capsys,
     )
     text = open(script).read()
     assert "sapt.tiny" not in text and "STEPS=(1-c_task 2-a_task)" in text
+    assert "quick mode: a few steps on a few examples per task" in text and "RANDOM" not in text
     configs = [json.loads(p.read_text()) for p in sorted((tmp_path / "p").glob("*.json"))]
     assert [c["task"] for c in configs] == ["c_task", "a_task"]
     assert all(c["model_name_or_path"] == "models/smollm2-135m" and c["task_order"] == "c_task,a_task" for c in configs)
     # Without a model, quick mode builds its tiny one first.
     script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,b_task", "--data_dir", "data",
                                  "--workdir", str(tmp_path), "--output", str(tmp_path / "q.sh"), capsys=capsys)
-    assert "python -m sapt.tiny --family llama --out tiny_models/llama" in open(script).read()
+    text = open(script).read()
+    assert '"$PYTHON" -m sapt.tiny --family llama --out tiny_models/llama' in text and "tiny RANDOM model" in text
 
 
 @pytest.mark.parametrize("value, message", [
     ("a_task,nope", "no task folder named 'nope'"), ("a_task,a_task", "--tasks repeats a_task"), (",", "--tasks is empty"),
 ])
 def test_own_task_list_errors_are_one_line(tmp_path, value, message):
-    (tmp_path / "data" / "Long_Sequence" / "a_task").mkdir(parents=True)
+    own_data(tmp_path, ["a_task"])
     done = subprocess.run(
         [sys.executable, "gen_script_long_llama.py", "--tasks", value, "--data_dir", "data", "--workdir", str(tmp_path),
          "--output", str(tmp_path / "p.sh")], capture_output=True, text=True, cwd=REPO_ROOT,
@@ -178,32 +217,32 @@ def test_relative_paths_are_read_and_written_under_the_workdir(tmp_path, capsys,
     """No --workdir: the current directory. A relative --workdir is taken from there; a relative --output,
     --data_dir and the default pipeline path from the workdir. Nothing names the package's checkout."""
     monkeypatch.chdir(tmp_path)
-    for task in ("a_task", "c_task"):
-        (tmp_path / "data" / "Long_Sequence" / task).mkdir(parents=True)
+    own_data(tmp_path, ["a_task", "c_task"])
     script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,c_task", "--data_dir", "data",
                                  "--run_name", "here", "--pseudo_data", "regenerate", capsys=capsys)
     assert script == str(tmp_path / "scripts" / "generated" / "here.sh")
     text = open(script).read()
-    assert f"\ncd {tmp_path}\nRUN=here\nCONFIGS={tmp_path}/scripts/generated/here\n" in text
-    pseudo = "python -m sapt.pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out "
+    assert f"\ncd {tmp_path}\nPYTHON={shlex.quote(sys.executable)}\nRUN=here\nCONFIGS={tmp_path}/scripts/generated/here\n" in text
+    pseudo = '"$PYTHON" -m sapt.pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out '
     assert f"\n{pseudo}logs_and_outputs/here/generated_data/" in text  # the installed module, not a script
-    assert text.endswith('\npython -m sapt.score "$RUN"\n') and str(REPO_ROOT) not in text
+    assert '\n"$PYTHON" -m sapt.score "$RUN"\n' in text and str(REPO_ROOT) not in text
     assert json.loads((tmp_path / "scripts" / "generated" / "here" / "1-a_task.json").read_text())["task"] == "a_task"
 
     # b_task exists only in sub/data: read against the workdir, the check passes; against the cwd it would not.
-    (tmp_path / "sub" / "data" / "Long_Sequence" / "b_task").mkdir(parents=True)
+    own_data(tmp_path / "sub", ["b_task"])
     script = generate_in_process("long_llama", "--quick", "--tasks", "b_task", "--data_dir", "data",
                                  "--workdir", "sub", "--output", "p.sh", capsys=capsys)
     assert script == str(tmp_path / "sub" / "p.sh") and f"\ncd {tmp_path / 'sub'}\n" in open(script).read()
     assert (tmp_path / "sub" / "p" / "1-b_task.json").is_file()
-    with pytest.raises(SystemExit):  # the same task list, read in the current directory's data/
-        pipeline_main("long_llama", ["--quick", "--tasks", "b_task", "--data_dir", "data"])
+    # The same task list, read in the current directory's data/
+    assert pipeline_main("long_llama", ["--quick", "--tasks", "b_task", "--data_dir", "data"]) == 2
     assert "no task folder named 'b_task'" in capsys.readouterr().err
 
 
-def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_path, capsys):
+def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_path, capsys, paper_inputs):
     def first_config(*extra):
-        generate_in_process("long_t5", "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *extra, capsys=capsys)
+        generate_in_process("long_t5", "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *paper_inputs,
+                            *extra, capsys=capsys)
         return json.loads(sorted((tmp_path / "p").glob("1-*.json"))[0].read_text())
 
     assert first_config()["per_device_eval_batch_size"] == 32  # the preset's 16, doubled
@@ -216,8 +255,8 @@ def test_evaluation_batch_follows_a_training_batch_set_on_the_command_line(tmp_p
 
 
 def own_order_args(tmp_path, *extra, output="p.sh"):
-    for task in ("a_task", "c_task"):
-        (tmp_path / "data" / "Long_Sequence" / task).mkdir(parents=True, exist_ok=True)
+    own_data(tmp_path, ["a_task", "c_task"])
+    write_model_folder(tmp_path / "models" / "x", "llama")
     return ["--quick", "--tasks", "c_task,a_task", "--model_name_or_path", "models/x", "--data_dir", "data",
             "--workdir", str(tmp_path), "--output", str(tmp_path / output), *extra]
 
@@ -229,21 +268,24 @@ def test_default_pipeline_is_unchanged_by_seeds_support(tmp_path, capsys):
 # sapt on Long_Sequence / llama, order custom (2 tasks), quick mode
 # Written by gen_script_long_llama.py. Run it again to continue where it stopped:
 # tasks whose folder holds task_complete.json are skipped.
+# Every step runs $PYTHON, the interpreter that wrote this file ($SAPT_LAUNCH, when set, runs the tasks).
 set -euo pipefail
 cd {tmp_path}
+PYTHON={shlex.quote(sys.executable)}
 RUN=sapt_long_llama_tasks_quick
 CONFIGS={tmp_path}/p
-LAUNCH=${{SAPT_LAUNCH:-'python -m sapt.train_task'}}
 
 STEPS=(1-c_task 2-a_task)
 for STEP in "${{STEPS[@]}}"; do
   OUT="logs_and_outputs/$RUN/outputs/$STEP"
   if [ -f "$OUT/task_complete.json" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi
   echo "[pipeline] $STEP: training"
-  $LAUNCH "$CONFIGS/$STEP.json"
+  ${{SAPT_LAUNCH:-"$PYTHON" -m sapt.train_task}} "$CONFIGS/$STEP.json"
 done
 
-python -m sapt.score "$RUN" alone
+"$PYTHON" -m sapt.score "$RUN" alone
+
+echo '[pipeline] quick mode: a few steps on a few examples per task: the scores show the harness at work, not numbers comparable to the paper'
 """
     assert open(script).read() == expected
     config = json.loads((tmp_path / "p" / "2-a_task.json").read_text())
@@ -257,8 +299,8 @@ def test_seeds_pipeline_runs_each_seed_as_its_own_run(tmp_path, capsys):
     text = open(script).read()
     base = "sapt_long_llama_tasks_quick"
     assert text.index(f"RUN={base}_seed3") < text.index(f"RUN={base}_seed1")  # in the order given
-    assert text.count('$LAUNCH "$CONFIGS/$STEP.json"') == 2 and text.count('python -m sapt.score "$RUN" alone') == 2
-    assert text.rstrip().endswith(f"python -m sapt.score --aggregate {base}_seed3 {base}_seed1 --single alone")
+    assert text.count('-m sapt.train_task} "$CONFIGS/$STEP.json"') == 2 and text.count('"$PYTHON" -m sapt.score "$RUN" alone') == 2
+    assert f'\n"$PYTHON" -m sapt.score --aggregate {base}_seed3 {base}_seed1 --single alone\n' in text
     parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
     for seed in (3, 1):
         configs = sorted((tmp_path / "p" / f"seed{seed}").glob("*.json"))

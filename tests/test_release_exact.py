@@ -237,16 +237,16 @@ def test_default_stepping_takes_one_optimizer_step_per_nominal_step(tmp_path):
 RELEASE_BUDGETS = {"cb": 100, "copa": 200, "boolq": 500, "imdb": 250, "dbpedia": 200, "multirc": 500}  # issue 10
 
 
-def configs_of(tmp_path, capsys, preset, *flags) -> dict[str, dict]:
+def configs_of(tmp_path, capsys, inputs, preset, *flags) -> dict[str, dict]:
     out = tmp_path / f"{preset}{len(flags)}.sh"
-    assert pipeline_main(preset, ["--output", str(out), "--workdir", str(tmp_path), *flags]) == 0
+    assert pipeline_main(preset, ["--output", str(out), "--workdir", str(tmp_path), *inputs, *flags]) == 0
     capsys.readouterr()
     return {p.stem.split("-", 1)[1]: json.loads(p.read_text()) for p in out.with_suffix("").glob("*.json")}
 
 
 @pytest.mark.parametrize("order", ["4", "5", "6"])
-def test_long_llama_release_configs_carry_the_step_budgets_and_no_arm(tmp_path, capsys, order):
-    configs = configs_of(tmp_path, capsys, "long_llama", "--order", order, "--release_exact")
+def test_long_llama_release_configs_carry_the_step_budgets_and_no_arm(tmp_path, capsys, paper_inputs, order):
+    configs = configs_of(tmp_path, capsys, paper_inputs, "long_llama", "--order", order, "--release_exact")
     first = next(task for task, c in configs.items() if "previous_task_dir" not in c)
     assert len(configs) == 15
     for task, config in configs.items():
@@ -264,12 +264,12 @@ def test_long_llama_release_configs_carry_the_step_budgets_and_no_arm(tmp_path, 
     assert len(trained_by_budget) == (5 if order == "5" else 6)  # order 5 starts with multirc
 
 
-def test_budgets_only_in_release_mode_and_only_for_long_llama(tmp_path, capsys):
+def test_budgets_only_in_release_mode_and_only_for_long_llama(tmp_path, capsys, paper_inputs):
     release = ("--release_exact",)
     for preset, flags in (("long_llama", ()), ("long_t5", release), ("superni_llama", release)):
-        configs = configs_of(tmp_path, capsys, preset, *flags)
+        configs = configs_of(tmp_path, capsys, paper_inputs, preset, *flags)
         assert not any("max_steps" in c or c.get("no_reflection") for c in configs.values()), preset
-    default = configs_of(tmp_path, capsys, "long_llama")
+    default = configs_of(tmp_path, capsys, paper_inputs, "long_llama")
     assert all("release_exact" not in c and c["per_device_train_batch_size"] == 2 for c in default.values())
 
 

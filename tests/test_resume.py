@@ -90,9 +90,9 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
     lines = []
-    for line in process.stdout:  # wait until training steps are being logged
+    for line in process.stdout:  # wait until training steps are being logged (sapt.training.trainer.LogMetrics)
         lines.append(line)
-        if "'loss'" in line:
+        if '"loss":' in line:
             process.send_signal(signal.SIGTERM)
             break
     lines += process.stdout.readlines()

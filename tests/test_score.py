@@ -103,11 +103,13 @@ def test_hand_run_report_and_files(tmp_path, root, capsys):
     assert rel["fwt_release"] == pytest.approx(fwt_release, **TIGHT)
     assert record["matrix"][0] == [80.25, None, None]
 
-    # Printed text: matrix rows with 2 decimals, abbreviated columns, metrics; the .txt file is the same.
-    assert (results / "seq.txt").read_text() == out
+    # Printed text: matrix rows with 2 decimals, abbreviated columns, metrics; the .txt file is the same; then
+    # the files written.
+    assert out == (results / "seq.txt").read_text() + f"\nwrote {results}/seq.txt, {results}/seq.json, {results}/seq_matrix.png\n"
     assert "after task 1" in out and "80.25" in out and "task1687" in out
     assert "AP   = 72.50" in out and "F.Ra = 9.00" in out and "FWT  = -0.58" in out
     assert "BWT  = -6.6" in out and "release-compatible only" in out
+    assert "fwt_release = " not in out and "fwt_release, the release's FWT against a constant 50.94" in out
     assert (results / "seq_matrix.png").read_bytes()[:8] == PNG_MAGIC
     assert not (results / "seq_routing.png").exists()
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Seq2SeqTrainingArguments, TrainerCallback, TrainerControl, TrainerState
+from transformers import PrinterCallback, Seq2SeqTrainingArguments, TrainerCallback, TrainerControl, TrainerState
 
 from conftest import VOCAB, make_sapt
 from sapt.baselines import l2_loss
 from sapt.layer import SaptLinear
 from sapt.model import IGNORE_INDEX
-from sapt.training.trainer import EveryNEpochs, KeepBestTrainable, LossTerm, SaptTrainer, trainable_tensors
+from sapt.training.trainer import EveryNEpochs, KeepBestTrainable, LogMetrics, LossTerm, SaptTrainer, trainable_tensors
 
 PAD = {"t5": 0, "llama": 3}  # the conftest backbones' pad ids
 # Label tokens of five examples: powers of two, so any two micro-batches hold different counts and the
@@ -357,3 +357,11 @@ def test_bf16_trainer_step_runs_the_model_under_cpu_autocast(tmp_path):
     assert mixed.dtypes == {torch.bfloat16} and mixed.autocast == {True}
     assert torch.isfinite(torch.tensor(mixed_loss)) and mixed_loss == pytest.approx(full_loss, rel=5e-2)
     assert {g.dtype for g in mixed_grads.values()} == {torch.float32}  # adapters and router stay fp32
+
+
+def test_without_progress_bars_the_logs_go_through_the_log_as_numbers(tmp_path):
+    """disable_tqdm (what the pipelines set): transformers' PrinterCallback, which prints numbers as strings,
+    gives way to LogMetrics."""
+    trainer = make_trainer(make_sapt("t5", 1), "t5", tmp_path)
+    kinds = {type(callback) for callback in trainer.callback_handler.callbacks}
+    assert LogMetrics in kinds and PrinterCallback not in kinds

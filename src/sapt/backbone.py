@@ -183,15 +183,19 @@ def _write_converted(out: Path, fresh, tokenizer, path: Path, facts: dict) -> No
         raise
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .utils.logs import setup_cli_logging
-
+def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog="python -m sapt.backbone", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert-gguf", help="write a HuggingFace folder from a GGUF file")
     convert.add_argument("--out", required=True, help="folder to write (e.g. models/smollm2-135m)")
     convert.add_argument("--gguf", default=None, help=f"GGUF file (default: {SMOLLM2_FILE} of the {SMOLLM2_PACKAGE} package)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .utils.logs import setup_cli_logging
+
+    args = build_parser().parse_args(argv)
     setup_cli_logging()
     try:
         convert_gguf(args.out, args.gguf)

@@ -10,6 +10,8 @@ Everything is written under `--workdir` (default: the directory the generator ru
 relative path is read there: the pipeline, its configs, logs_and_outputs/, results/, tiny_models/. The
 pipeline calls the installed package's entry points (`python -m sapt...`), never a file of a checkout,
 so it works the same from a clone, an editable install of another clone, or a plain `pip install .`.
+Its `python` is the interpreter that wrote it (an absolute path), not whichever is first on PATH: a
+virtual environment works without being activated.
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ import argparse
 import json
 import os
 import shlex
-from dataclasses import dataclass, field, replace
+import sys
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import METHODS
 from ..run_files import COMPLETE_FILE, task_dir_name
-from ..training.data import DataError, find_task
+from ..training.data import DataError
+from ..training.preflight import check_split_file, locate_backbone, pseudo_files, split_files
 from ..training.release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
-from ..training.task_args import check_task_overrides
-from ..utils.cli import OneLineArgumentParser
+from ..training.task_args import SaptArguments, check_task_overrides, plan
+from ..utils.cli import OneLineArgumentParser, UsageError, report_error
 from ..utils.fileio import write_json_atomic, write_text_atomic
 
 # Presets, task orders and DeepSpeed configs are package data (the checkout's top-level configs/ links here).
@@ -34,9 +38,12 @@ PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
 # Absolute: the pipeline runs in its --workdir, wherever the package is installed.
 DEEPSPEED_CONFIGS = {stage: str(PACKAGE_CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
+# Every step runs the interpreter that wrote the pipeline; its header sets $PYTHON to it.
+PYTHON = '"$PYTHON"'
 # What a pipeline runs besides the task steps: entry points of the installed package.
-SCORE_COMMAND = "python -m sapt.score"
-PSEUDO_DATA_COMMAND = "python -m sapt.pseudo_data"
+SCORE_COMMAND = f"{PYTHON} -m sapt.score"
+PSEUDO_DATA_COMMAND = f"{PYTHON} -m sapt.pseudo_data"
+TINY_COMMAND = f"{PYTHON} -m sapt.tiny"
 # Where a pipeline is written when --output is not given, under the workdir.
 GENERATED_PIPELINES = "scripts/generated"
 DEFAULT_SEED = 42
@@ -187,21 +194,14 @@ def parse_seeds(value: str, parser: argparse.ArgumentParser) -> list[int]:
     return seeds
 
 
-def own_tasks(value: str, data_dir: Path, parser: argparse.ArgumentParser) -> list[str]:
-    """The task folders named by --tasks, in that order; each must exist when the data is already there
-    (a pipeline written before `make data` is checked when it runs)."""
+def own_tasks(value: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The task folders named by --tasks, in that order (check_inputs looks for them)."""
     tasks = [t.strip() for t in value.split(",") if t.strip()]
     if not tasks:
         parser.error("--tasks is empty")
     repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     if repeated:
         parser.error(f"--tasks repeats {', '.join(repeated)}")
-    if data_dir.is_dir():
-        for task in tasks:
-            try:
-                find_task(data_dir, task)
-            except DataError as err:
-                parser.error(str(err))
     return tasks
 
 
@@ -212,18 +212,24 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
         prog=f"gen_script_{preset}.py",
         description=f"Write the {settings['benchmark']} / {family} experiment as a shell pipeline.",
     )
-    parser.add_argument("--model_name_or_path", default=None, help="Backbone (default: the paper's, or a tiny local one with --quick).")
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="Backbone: a folder with config.json and a tokenizer, or a model in the local Hugging Face "
+                             f"cache (default: {settings['model_name_or_path']}; with --quick, a tiny random model the "
+                             "pipeline builds).")
     parser.add_argument("--run_name", default=None, help="Folder name under logs_and_outputs/ (default from method, order).")
     parser.add_argument("--order", default=settings["default_order"], choices=available,
                         help="Task order (SPEC 4)" + ("; 1-3 are the standard 4-task benchmark" if settings["benchmark"] == "Long_Sequence" else ""))
     parser.add_argument("--tasks", default=None, metavar="A,B,C",
                         help="Your own task order: task folders of --data_dir, comma-separated (instead of --order).")
-    parser.add_argument("--method", default="sapt", choices=METHODS)
+    parser.add_argument("--method", default="sapt", choices=METHODS,
+                        help="sapt; o_lora, seq_lora, replay (sequential baselines); single (each task alone, the "
+                             "reference for FWT); mtl (all tasks jointly).")
     parser.add_argument("--protocol", default="paper", choices=["paper", "clean"],
                         help="paper: the released dev files (= test); clean: dev carved from train.")
     parser.add_argument("--quick", action="store_true",
                         help="First three tasks, a few steps, CPU; a tiny local model unless --model_name_or_path is given.")
-    parser.add_argument("--data_dir", default="CL_Benchmark")
+    parser.add_argument("--data_dir", default="CL_Benchmark",
+                        help="Benchmark root holding SuperNI/ and Long_Sequence/ task folders (written by `make data`).")
     parser.add_argument("--gen_data_root", default="generated_data", help="Folder holding lora_gen_* pseudo data.")
     parser.add_argument("--pseudo_data", default="shipped", choices=["shipped", "regenerate", "none"],
                         help="ARM's pseudo samples: the released ones, regenerated by this pipeline, or no ARM.")
@@ -232,7 +238,8 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
                         help="Run the whole experiment once per seed, one after another, as runs <run>_seed<N>; "
                              "the pipeline ends with score.py --aggregate over them.")
     parser.add_argument("--gpus", type=int, default=None,
-                        help=f"Processes (GPUs) per task, >1 uses torchrun (default {settings['gpus']}; 0 with --quick).")
+                        help=f"Processes (GPUs) per task; more than 1 runs torch.distributed.run (torchrun) "
+                             f"(default {settings['gpus']}; 0 with --quick).")
     if family == "llama":
         parser.add_argument("--deepspeed", default=None, choices=sorted(DEEPSPEED_CONFIGS), help="DeepSpeed ZeRO stage config.")
     parser.add_argument("--single_run", default=None, help="Single-task run name passed to score.py for FWT.")
@@ -269,7 +276,7 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
         parser.error("give --seeds or a single seed (--seed, --set seed=...), not both")
     tasks = list(orders[settings["benchmark"]][ns.order])
     if ns.tasks is not None:
-        tasks = own_tasks(ns.tasks, workdir / ns.data_dir, parser)
+        tasks = own_tasks(ns.tasks, parser)
     model = ns.model_name_or_path or settings["model_name_or_path"]
     if ns.quick:
         settings.update({k: v for k, v in presets["quick"].items() if not k.startswith("_")})
@@ -315,8 +322,55 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     return experiment, workdir / output  # an absolute --output stays as given
 
 
+# ---- pre-flight: what the pipeline's steps will read, checked before anything is written -----------
+def step_arguments(exp: Experiment, position: int) -> SaptArguments:
+    """The sapt.train_task arguments of one step, its paths read under the workdir (as the pipeline runs)."""
+    names = {f.name for f in fields(SaptArguments)}
+    args = SaptArguments(**{k: v for k, v in exp.task_arguments(position).items() if k in names})
+    args.data_dir = str(Path(exp.workdir) / args.data_dir)
+    if args.gen_data_dir:
+        args.gen_data_dir = str(Path(exp.workdir) / args.gen_data_dir)
+    return args
+
+
+def check_inputs(exp: Experiment) -> str:
+    """For every step of the pipeline, the split files its plan reads (sapt.training.task_args.plan) are there
+    and parse, and so are ARM's pseudo samples unless the pipeline writes them first; the model is on this
+    machine unless quick mode builds it. Returns what was found for the model; DataError or UsageError."""
+    workdir = Path(exp.workdir)
+    checked: set[Path] = set()
+    for position in exp.positions():
+        args = step_arguments(exp, position)
+        if not Path(args.data_dir).is_dir():
+            raise DataError(f"{args.data_dir}: data folder does not exist; run `make data` in {workdir} or pass --data_dir")
+        task_plan = plan(args)
+        step = task_dir_name(position, args.task)
+        files = [(path, f"step {step} reads it: restore it (`make data`) or leave its task out (--tasks)")
+                 for path in split_files(args.data_dir, task_plan)]
+        if task_plan.pseudo_tasks and exp.pseudo_data == "shipped":
+            hint = ("ARM reads every earlier task's pseudo samples: pass --gen_data_root, or --pseudo_data regenerate "
+                    "(the pipeline writes them) or none (no ARM)")
+            try:
+                files += [(path, hint) for path in pseudo_files(args.gen_data_dir, task_plan)]
+            except DataError as err:
+                raise DataError(f"{err}; {hint}") from None
+        for path, hint in files:
+            if path not in checked:
+                try:
+                    check_split_file(path)
+                except DataError as err:
+                    raise DataError(f"{err}; {hint}") from None
+                checked.add(path)
+    if exp.build_tiny:
+        return f"a tiny random {exp.family} model, which the pipeline builds first in {exp.model_name_or_path}"
+    return locate_backbone(exp.model_name_or_path, workdir)
+
+
 def _launch(exp: Experiment) -> str:
-    return "python -m sapt.train_task" if exp.gpus <= 1 else f"torchrun --nproc_per_node {exp.gpus} -m sapt.train_task"
+    """The command of a task step (before its config): $SAPT_LAUNCH when set, else this interpreter, as one
+    process or as `--gpus` processes under torch's launcher (what `torchrun` runs)."""
+    several = f" -m torch.distributed.run --nproc_per_node {exp.gpus}" if exp.gpus > 1 else ""
+    return f"${{SAPT_LAUNCH:-{PYTHON}{several} -m sapt.train_task}}"
 
 
 def _header(exp: Experiment, also: str = "") -> list[str]:
@@ -326,8 +380,10 @@ def _header(exp: Experiment, also: str = "") -> list[str]:
         + (", quick mode" if exp.quick else "") + also,
         f"# Written by gen_script_{exp.preset}.py. Run it again to continue where it stopped:",
         "# tasks whose folder holds task_complete.json are skipped.",
+        "# Every step runs $PYTHON, the interpreter that wrote this file ($SAPT_LAUNCH, when set, runs the tasks).",
         "set -euo pipefail",
         f"cd {shlex.quote(exp.workdir)}",
+        f"PYTHON={shlex.quote(sys.executable)}",
     ]
 
 
@@ -335,7 +391,7 @@ def _tiny_model_lines(exp: Experiment) -> list[str]:
     if not exp.build_tiny:
         return []
     q = shlex.quote
-    return [f"python -m sapt.tiny --family {exp.family} --out {q(exp.model_name_or_path)} "
+    return [f"{TINY_COMMAND} --family {exp.family} --out {q(exp.model_name_or_path)} "
             f"--data_dir {q(exp.data_dir)} --d_model {exp.settings['tiny_d_model']}", ""]
 
 
@@ -358,21 +414,33 @@ def _run_lines(exp: Experiment) -> list[str]:
         '  OUT="logs_and_outputs/$RUN/outputs/$STEP"',
         f'  if [ -f "$OUT/{COMPLETE_FILE}" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi',
         '  echo "[pipeline] $STEP: training"',
-        '  $LAUNCH "$CONFIGS/$STEP.json"',
+        f'  {_launch(exp)} "$CONFIGS/$STEP.json"',
         "done",
         "",
     ]
     if exp.method == "single":  # each task alone: the reference for another run's FWT, no matrix of its own
-        lines.append(f'echo "[pipeline] single-task scores for FWT: {SCORE_COMMAND} RUN {exp.run_name}"')
+        lines.append(f'echo "[pipeline] single-task scores for FWT: $PYTHON -m sapt.score RUN {exp.run_name}"')
     else:
         lines.append(f"{SCORE_COMMAND} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
     return lines
 
 
+def _quick_note(exp: Experiment) -> list[str]:
+    """What quick mode's scores mean, said after them."""
+    if not exp.quick:
+        return []
+    if exp.build_tiny:
+        note = ("quick mode: a tiny RANDOM model trained for a few steps, so scores near 0 are expected: they show "
+                "that the harness runs end to end, not what the method does (give --model_name_or_path a real model for that)")
+    else:
+        note = "quick mode: a few steps on a few examples per task: the scores show the harness at work, not numbers comparable to the paper"
+    return ["", f"echo {shlex.quote('[pipeline] ' + note)}"]
+
+
 def render_pipeline(exp: Experiment, config_dir: str) -> str:
     q = shlex.quote
-    lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", f"LAUNCH=${{SAPT_LAUNCH:-{q(_launch(exp))}}}", ""]
-    lines += _tiny_model_lines(exp) + _run_lines(exp)
+    lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", ""]
+    lines += _tiny_model_lines(exp) + _run_lines(exp) + _quick_note(exp)
     return "\n".join(lines) + "\n"
 
 
@@ -385,14 +453,14 @@ def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
     q = shlex.quote
     runs = exp.seed_runs()
     lines = _header(exp, f", seeds {', '.join(map(str, exp.seeds))} one after another")
-    lines += [f"LAUNCH=${{SAPT_LAUNCH:-{q(_launch(exp))}}}", ""] + _tiny_model_lines(exp)
+    lines += [""] + _tiny_model_lines(exp)
     for run in runs:
         lines += [f"# seed {run.seed}", f"RUN={q(run.run_name)}", f"CONFIGS={q(str(seed_config_dir(config_dir, run.seed)))}"]
         lines += _run_lines(run) + [""]
     if exp.method != "single":
         single = f" --single {q(exp.single_run)}" if exp.single_run else ""
         lines.append(f"{SCORE_COMMAND} --aggregate {' '.join(q(r.run_name) for r in runs)}{single}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _quick_note(exp)) + "\n"
 
 
 def write_configs(exp: Experiment, config_dir: Path) -> None:
@@ -418,8 +486,31 @@ def write_experiment(exp: Experiment, output: Path) -> Path:
 
 def main(preset: str, argv: list[str] | None = None) -> int:
     experiment, output = make_experiment(preset, argv)
+    try:
+        model = check_inputs(experiment)
+    except (DataError, UsageError) as err:
+        return report_error(f"gen_script_{preset}.py", err)
     path = write_experiment(experiment, output)
     runs = ", ".join(r.run_name for r in experiment.seed_runs()) if experiment.seeds else experiment.run_name
+    print(f"model: {model}")
     print(f"{experiment.method}: {len(experiment.positions())} task step(s) of {runs}; run with: bash {path}")
     print(path)
     return 0
+
+
+# Console scripts sapt-gen-<preset> (pyproject.toml): the commands of the top-level gen_script_<preset>.py,
+# for an install without a checkout.
+def superni_t5() -> int:
+    return main("superni_t5")
+
+
+def long_t5() -> int:
+    return main("long_t5")
+
+
+def superni_llama() -> int:
+    return main("superni_llama")
+
+
+def long_llama() -> int:
+    return main("long_llama")

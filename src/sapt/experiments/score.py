@@ -40,6 +40,7 @@ import numpy as np
 
 from ..run_files import ROUTING_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
+from ..utils.logs import setup_cli_logging
 from .aggregate import (
     COMPARABLE_KEYS,
     SingleReference,
@@ -74,7 +75,7 @@ from .trace_report import final_own_weights, format_trace_table, read_run_traces
 
 # The documented name; `python -m sapt.score` reports errors under it too.
 PROG = "score.py"
-logger = logging.getLogger(PROG)
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +184,8 @@ def format_report(
         "",
         "release-compatible only (reproduce the official release's numbers; not the definitions above):",
         f"bwt_release = {_fmt(summary['bwt_release'])}  (sum_(j<T) (a_T,j - a_j,j) / T)",
-        f"fwt_release = {_fmt(summary['fwt_release'])}  (mean_j (a_j,j - {RELEASE_FWT_CONSTANT}), the release's constant)",
+        f"(fwt_release, the release's FWT against a constant {RELEASE_FWT_CONSTANT} instead of single-task scores, "
+        "is in the JSON record only)",
     ]
     return "\n".join(lines) + "\n"
 
@@ -383,7 +385,12 @@ def write_report(results: Path, run_name, outputs, tasks, matrix, metric_name, a
         if figure not in files and figure.exists():
             figure.unlink()
     sys.stdout.write(text)
-    logger.info("wrote %s", ", ".join(str(p) for p in files))
+    print_written(files)
+
+
+def print_written(files) -> None:
+    """The last line of a scoring: where its tables and figures are."""
+    print(f"\nwrote {', '.join(str(path) for path in files)}")
 
 
 def compare_runs(args) -> None:
@@ -455,7 +462,7 @@ def aggregate_runs(args) -> None:
     }
     write_files_atomic(files)
     sys.stdout.write(text)
-    logger.info("wrote %s", ", ".join(str(p) for p in files))
+    print_written(files)
 
 
 def compare_groups(args, specs: list[str]) -> None:
@@ -470,16 +477,8 @@ def compare_groups(args, specs: list[str]) -> None:
     sys.stdout.write(format_compare(compare_record(specs, groups, single)))
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record):
-        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    if not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_Formatter())
-        logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    setup_cli_logging(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
         if args.single is not None:

@@ -31,7 +31,7 @@ from ..model import SaptModel
 from ..run_files import TASK_DIR_PATTERN, TASK_ORDER_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, report_error
 from ..utils.fileio import staged_folder, write_text_atomic
-from ..utils.logs import stdout_kept_for_results
+from ..utils.logs import setup_cli_logging, stdout_kept_for_results
 from .safe_pickle import UnsafePickleError, load_numpy_pickle
 
 logger = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def build_parser() -> OneLineArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    setup_cli_logging(logging.INFO if args.verbose else logging.WARNING)
     if not args.verbose:  # keep stderr to the one error line
         from transformers.utils import logging as hf_logging
 

@@ -35,6 +35,7 @@ from typing import Sequence
 from ..training.data import BENCHMARKS
 from ..utils.cli import OneLineArgumentParser
 from ..utils.fileio import atomic_path, write_bytes_if_changed
+from ..utils.logs import setup_cli_logging
 from .synthetic import write_synthetic_benchmark
 
 logger = logging.getLogger("sapt.prepare_data")
@@ -350,7 +351,7 @@ def _synthetic_banner(dest: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_cli_logging()
     dest = Path(args.dest)
     if args.write_manifest:
         write_manifest(args.write_manifest, args.manifest or MANIFEST_PATH)

@@ -33,6 +33,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from ..backbone import load_backbone, load_tokenizer
 from ..config import TARGET_MODULES
 from ..training.data import SPLITS, DataError, find_task, read_split_file
+from ..utils.cli import OneLineArgumentParser
 from ..utils.fileio import write_json_atomic
 from ..utils.logs import setup_cli_logging, stdout_kept_for_results
 
@@ -316,29 +317,36 @@ def generate_for_task(
     return target
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> OneLineArgumentParser:
     defaults = GeneratorSettings()
-    parser = argparse.ArgumentParser(description="Train a generator LoRA per task and write pseudo samples (SPEC 5).")
+    parser = OneLineArgumentParser(prog="generate_pseudo_data",
+                                   description="Train a generator LoRA per task and write pseudo samples (SPEC 5).")
     parser.add_argument("--model_name_or_path", required=True, help="backbone folder or hub name")
     parser.add_argument("--data_dir", default="CL_Benchmark", help="root holding SuperNI/ and Long_Sequence/")
     parser.add_argument("--tasks", required=True, help="comma-separated task names")
     parser.add_argument("--out", required=True, help="e.g. generated_data/lora_gen_superni_t5")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--source_length", type=int, default=defaults.source_length)
-    parser.add_argument("--target_length", type=int, default=defaults.target_length)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps of each task's generator")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size, help="training batch size")
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="the generator LoRA's learning rate")
+    parser.add_argument("--source_length", type=int, default=defaults.source_length,
+                        help="tokens of the generator's prompt (the marker it generates from)")
+    parser.add_argument("--target_length", type=int, default=defaults.target_length, help="tokens of a generated input, at most")
     parser.add_argument("--ratio", type=float, default=defaults.ratio, help="pseudo samples per training instance")
-    parser.add_argument("--sample_batch_size", type=int, default=defaults.sample_batch_size)
+    parser.add_argument("--sample_batch_size", type=int, default=defaults.sample_batch_size, help="samples drawn per generation batch")
     parser.add_argument("--draws_per_sample", type=int, default=defaults.draws_per_sample,
                         help="stop sampling after this many draws per wanted sample")
     parser.add_argument("--log_every", type=int, default=defaults.log_every, help="log the loss every N steps")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of training and sampling")
     parser.add_argument("--max_train_samples", type=int, default=None, help="cap on training instances per task (the ratio then applies to the capped set)")
     parser.add_argument("--save_generator", default=None, help="also save each generator to DIR/<task>")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    return parser.parse_args(argv)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype (default: as transformers loads the backbone)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ from transformers import (
 from ..training.collators import pad_rows
 from ..training.data import DataError, format_prompt, read_split_file
 from ..utils.cli import OneLineArgumentParser, report_error
-from ..utils.logs import stdout_kept_for_results
+from ..utils.logs import setup_cli_logging, stdout_kept_for_results
 from .prepare_data import SOURCE_ENV, SourceError, find_source
 
 logger = logging.getLogger(__name__)
@@ -372,19 +372,25 @@ def _build_into_place(out_dir: Path, files: list[Path], settings: dict, pretrain
     return len(tokenizer)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> OneLineArgumentParser:
     parser = OneLineArgumentParser(prog="sapt.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--family", choices=FAMILIES, required=True, help="model family: T5 (encoder-decoder) or LLaMA")
     parser.add_argument("--out", required=True, help="directory to write the model to")
-    parser.add_argument("--data_dir", default=None, help="CL_Benchmark root for tokenizer text")
-    parser.add_argument("--vocab_size", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--d_model", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--data_dir", default=None,
+                        help="CL_Benchmark root for the tokenizer's text (default: ../shared beside the working "
+                             "directory, else a built-in corpus)")
+    parser.add_argument("--vocab_size", type=int, default=2000, help="tokenizer vocabulary size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokenizer's training")
+    parser.add_argument("--d_model", type=int, default=64, help="hidden width")
+    parser.add_argument("--layers", type=int, default=2, help="layers (encoder and decoder each, for T5)")
     parser.add_argument("--pretrain_steps", type=int, default=0,
                         help="self-supervised pretraining steps after random init (0: none, random weights)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_cli_logging()
     try:
         with stdout_kept_for_results():
             out = build_tiny_model(

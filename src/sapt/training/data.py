@@ -9,6 +9,7 @@ the generators) can read the benchmark's names and files from here without loadi
 
 from __future__ import annotations
 
+import difflib
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 BENCHMARKS = ("SuperNI", "Long_Sequence")
 SPLITS = ("train", "dev", "test")
+PSEUDO_SPLIT = "train"  # pseudo samples of a task sit where its training split would, under their own root
 METRIC_OF_BENCHMARK = {"SuperNI": "rougeL", "Long_Sequence": "exact_match"}
 
 SUPERNI_TEMPLATE = "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
@@ -41,7 +43,24 @@ def find_task(data_dir: str | Path, task: str) -> tuple[str, Path]:
             return benchmark, folder
     if data_dir.name in BENCHMARKS and (data_dir / task).is_dir():
         return data_dir.name, data_dir / task
-    raise DataError(f"{data_dir}: no task folder named {task!r} under {' or '.join(BENCHMARKS)}")
+    raise DataError(f"{data_dir}: no task folder named {task!r} under {' or '.join(BENCHMARKS)}{_known_tasks_hint(data_dir, task)}")
+
+
+def task_names(data_dir: str | Path) -> list[str]:
+    """Every task folder under a CL_Benchmark-style root (or a benchmark folder itself), sorted."""
+    data_dir = Path(data_dir)
+    roots = [data_dir / benchmark for benchmark in BENCHMARKS] + ([data_dir] if data_dir.name in BENCHMARKS else [])
+    return sorted({folder.name for root in roots if root.is_dir() for folder in root.iterdir() if folder.is_dir()})
+
+
+def _known_tasks_hint(data_dir: Path, task: str) -> str:
+    """'; did you mean X? tasks there: ...' for a task name that is not there."""
+    names = task_names(data_dir)
+    if not names:
+        return " (no task folders there: run `make data`, or pass the folder that holds them)"
+    close = difflib.get_close_matches(task, names, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f"; {guess}tasks there: {', '.join(names)}"
 
 
 def benchmark_of(data_dir: str | Path, task: str) -> str:
@@ -124,7 +143,7 @@ def load_split(
 
 def load_pseudo_split(gen_data_dir: str | Path, task: str, seed: int = 42) -> Dataset:
     """Pseudo samples of an earlier task (SPEC 1.3): only the prompts matter, outputs are empty."""
-    return load_split(gen_data_dir, task, "train", seed=seed, require_outputs=False)
+    return load_split(gen_data_dir, task, PSEUDO_SPLIT, seed=seed, require_outputs=False)
 
 
 def carve_dev(train: Dataset, fraction: float = 0.1, seed: int = 42, min_size: int = 1) -> tuple[Dataset, Dataset]:

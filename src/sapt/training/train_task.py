@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"{PROG}: {stop.args[0]}", file=sys.stderr)
         return stop.exit_code
-    logger.info("done: %s", {k: v for k, v in results.items() if k.startswith("predict_")})
+    logger.info("done: %s", json.dumps({k: v for k, v in results.items() if k.startswith("predict_")}))
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
 from ..model import IGNORE_INDEX
@@ -119,6 +119,8 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         if not self.writes_checkpoints and self.args.save_strategy != SaveStrategy.NO:
             logger.warning("DeepSpeed: no mid-task checkpoints; an interrupted task restarts from its beginning")
             self.args.save_strategy = SaveStrategy.NO
+        if self.pop_callback(PrinterCallback) is not None:  # without progress bars: the logs, as numbers
+            self.add_callback(LogMetrics())
 
     # ---- loss ---------------------------------------------------------------------------------
     # The loss is normalised here, not by the model: CE becomes this micro-batch's share of the mean
@@ -226,6 +228,16 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         if not sapt_model.config.is_encoder_decoder:
             generated = generated[:, inputs["input_ids"].shape[1] :]  # keep only the new tokens
         return None, generated, index
+
+
+class LogMetrics(TrainerCallback):
+    """The Trainer's logs (loss, dev scores, timings) as one JSON line each through this package's logger:
+    numbers stay numbers (transformers' PrinterCallback, which this replaces, prints them as strings)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_local_process_zero and logs:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+            logger.info("step %d: %s", state.global_step, json.dumps(shown))
 
 
 class KeepBestTrainable(TrainerCallback):

@@ -20,6 +20,7 @@ from ..config import default_target_modules
 from ..run_files import COMPLETE_FILE
 from ..utils.cli import UsageError, first_line
 from .data import BENCHMARKS, DataError, find_task
+from .preflight import TOKENIZER_FILES
 from .release_exact import check_release_arguments
 from .task_args import TaskPlan
 from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
@@ -93,10 +94,6 @@ def _backbone_signature(config) -> tuple[str, int | None]:
         text = config
     hidden = getattr(text, "hidden_size", None)
     return config.model_type, hidden if isinstance(hidden, int) else None
-
-
-# Files any of which holds a tokenizer's vocabulary (fast, SentencePiece, BPE, WordPiece).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def _check_backbone_fits(name_or_path: str, config, target_modules: str | None) -> None:

@@ -17,8 +17,25 @@ class UsageError(ValueError):
     """A mistake in the command line (reported in one line, exit status 2)."""
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is none
+    (no value, an off switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] or action.default == argparse.SUPPRESS
+        if "default" in text or nothing or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error (no usage block): `prog: error: message (see --help)`, exit 2."""
+    """argparse with a one-line error (no usage block): `prog: error: message (see --help)`, exit 2;
+    help texts end with the option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")

@@ -23,9 +23,14 @@ class _CurrentStderr(logging.StreamHandler):
 
 
 def setup_cli_logging(level: int = logging.INFO) -> None:
-    """Let this package's INFO records through to the root handler (adding one if there is none)."""
+    """Every command's log format: let this package's records of `level` and above through to the root
+    handler, adding one with FORMAT if there is none. A bare handler that a library's logging.basicConfig()
+    put there on import (absl's, through rouge_score) gives way to it; a test harness's is kept."""
     logging.getLogger("sapt").setLevel(level)
     root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
     if not root.handlers:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter(FORMAT))
