@@ -1,4 +1,7 @@
-"""Atomic writes: every artifact appears whole under its final name or not at all."""
+"""Atomic writes: every artifact appears whole under its final name or not at all.
+
+A write that fails (a full disk, a quota) raises `WriteError` naming the file, and leaves the file as it was
+(absent, or its previous content): nothing half-written appears under a final name."""
 
 from __future__ import annotations
 
@@ -13,18 +16,37 @@ from pathlib import Path
 from .cli import first_line
 
 
+EXIT_WRITE = 74  # exit status of a command stopped by a WriteError (sysexits' EX_IOERR)
+
+
+class WriteError(OSError):
+    """A file could not be written; it was left as it was. Its message is one line naming the file."""
+
+    def __init__(self, path: str | Path, reason: str, errno: int | None = None):
+        super().__init__(errno, reason, str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds. An OSError
+    on the way becomes a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as err:
+        raise WriteError(path, err.strerror or first_line(err), err.errno) from err
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err.strerror or first_line(err), err.errno) from err
         raise
 
 
@@ -72,11 +94,15 @@ def write_jsonl_atomic(path: str | Path, records) -> None:
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file  # here: readers of JSON records need not load torch
+    from safetensors import SafetensorError  # here: readers of JSON records need not load torch
+    from safetensors.torch import save_file
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # safetensors reports its I/O errors (a full disk) as its own
+            raise WriteError(path, first_line(err)) from err
 
 
 @contextmanager
