@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,18 @@ from ..checkpoint import (
 from ..config import INIT_SCHEME, SaptConfig, release_temperature
 from ..model import SaptModel
 from ..reflection import AttentiveReflection, mean_routing
-from ..run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
+from ..run_files import (
+    COMPLETE_FILE,
+    RESULTS_FILE,
+    ROUTING_FILE,
+    TASK_ARGS_FILE,
+    TASK_ORDER_FILE,
+    run_lock_path,
+)
 from ..utils.cli import UsageError, report_error
 from ..utils.fileio import write_json_atomic, write_text_atomic
 from ..utils.logs import setup_cli_logging
+from ..utils.run_lock import EXIT_LOCKED, RunLocked, run_lock
 from ..utils.zero3 import init_deepspeed_comm, is_split
 from .collators import Collator
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of
@@ -84,18 +93,25 @@ class TaskStep:
 # ---- the recipe -----------------------------------------------------------------------------------
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     """Check, set up, train, save, evaluate and record one task step; returns all_results.json's content."""
-    task_plan = plan(args)
-    validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
     output_dir = Path(training_args.output_dir)
-    if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
-        logger.info("%s is complete; nothing to do", output_dir)
-        return json.loads((output_dir / RESULTS_FILE).read_text())
-    step = set_up(args, training_args, task_plan)
-    train_metrics = train(step)
-    save(step)
-    results, predictions = evaluate(step)
-    record(step, results, predictions, train_metrics)
-    return results
+    with hold_run(output_dir):  # one writer per run: a second one stops here, before reading the run
+        task_plan = plan(args)
+        validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
+        if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
+            logger.info("%s is complete; nothing to do", output_dir)
+            return json.loads((output_dir / RESULTS_FILE).read_text())
+        step = set_up(args, training_args, task_plan)
+        train_metrics = train(step)
+        save(step)
+        results, predictions = evaluate(step)
+        record(step, results, predictions, train_metrics)
+        return results
+
+
+def hold_run(output_dir: Path):
+    """The lock of the run `output_dir` belongs to, taken by the first process only (torchrun and
+    DeepSpeed set RANK; the others are part of its job)."""
+    return run_lock(run_lock_path(output_dir)) if os.environ.get("RANK", "0") == "0" else nullcontext()
 
 
 # ---- set up ---------------------------------------------------------------------------------------
@@ -352,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"{PROG}: {stop.args[0]}", file=sys.stderr)
         return stop.exit_code
+    except RunLocked as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_LOCKED
     logger.info("done: %s", {k: v for k, v in results.items() if k.startswith("predict_")})
     return 0
 
