@@ -50,7 +50,7 @@ from ..run_files import (
     run_lock_path,
 )
 from ..utils.cli import UsageError, report_error
-from ..utils.fileio import write_json_atomic, write_text_atomic
+from ..utils.fileio import EXIT_WRITE, WriteError, write_json_atomic, write_text_atomic
 from ..utils.logs import setup_cli_logging
 from ..utils.run_lock import EXIT_LOCKED, RunLocked, run_lock
 from ..utils.zero3 import init_deepspeed_comm, is_split
@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunLocked as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_LOCKED
+    except WriteError as err:  # a full disk, say: the last complete state is intact, the same command resumes
+        print(f"{PROG}: error: {err}; the same command continues once it can write", file=sys.stderr)
+        return EXIT_WRITE
     logger.info("done: %s", {k: v for k, v in results.items() if k.startswith("predict_")})
     return 0
 
