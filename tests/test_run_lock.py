@@ -13,7 +13,7 @@ import pytest
 
 from conftest import BENCHMARK, GENERATED, REPO_ROOT, SUPERNI_TASKS
 from sapt.experiments.pipeline import main as pipeline_main
-from sapt.utils.run_lock import EXIT_LOCKED, HOLDER_ENV, run_lock
+from sapt.utils.run_lock import ENDING_GRACE_S, EXIT_LOCKED, HOLDER_ENV, run_lock
 
 HOST = socket.gethostname()
 
@@ -65,6 +65,28 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, 
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"taking over the lock left by pid {holder.pid} on {HOST}" in caplog.text
     assert not lock.exists()
+
+
+def test_the_children_of_a_holder_killed_alone_keep_the_run_locked_until_they_end(tmp_path):
+    lock = tmp_path / "run.lock"
+    holder = subprocess.Popen([sys.executable, "-m", "sapt.run_lock", str(lock), "--", "sleep", "600"],
+                              start_new_session=True)
+    try:
+        wait_for(lambda: lock.is_file(), "the lock")
+        os.kill(holder.pid, signal.SIGKILL)  # its child, sleep, runs on
+        holder.wait()
+        start = time.time()
+        refused = lock_command(lock, "true")
+        assert refused.returncode == EXIT_LOCKED and time.time() - start >= ENDING_GRACE_S - 1
+        assert f"in use by processes started by pid {holder.pid} on {HOST}" in refused.stderr
+        # Once they end (within the grace a killed process group takes to go), the lock is taken over.
+        waiting = subprocess.Popen([sys.executable, "-m", "sapt.run_lock", str(lock), "--", "true"],
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(1)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+    assert waiting.wait(timeout=60) == 0
+    assert f"taking over the lock left by pid {holder.pid}" in waiting.stderr.read()
 
 
 def test_a_lone_task_step_on_a_run_in_use_is_refused(tiny_models, tmp_path):

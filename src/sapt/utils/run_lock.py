@@ -5,7 +5,9 @@ then linked into place, which fails if the name is taken) and is held with flock
 releases when the holder dies, SIGKILL included. So a lock file whose flock nobody holds was left by a
 dead process: it is taken over with a warning. A lock file whose flock is held refuses the newcomer with
 one line naming the holder, unless the newcomer descends from that holder: holders list themselves in
-HOLDER_ENV for their child processes (a pipeline's task steps). The holder removes the file when done.
+HOLDER_ENV for their child processes (a pipeline's task steps). The children of `python -m sapt.run_lock`
+inherit the lock, so a run stays locked while any of them runs, even after the holder was killed alone.
+The holder removes the file when done.
 
     python -m sapt.run_lock LOCK_FILE... -- COMMAND...
 
@@ -35,6 +37,9 @@ from .logs import setup_cli_logging
 
 HOLDER_ENV = "SAPT_RUN_LOCK_HOLDER"  # the lock holders a process descends from: "pid@host,..."
 EXIT_LOCKED = 75  # exit status when the run is in use (sysexits' EX_TEMPFAIL: try again later)
+# A holder's children inherit its lock; when the holder has ended but the lock is still held, they may be
+# ending too (a process group killed a moment ago): wait this long for them before refusing.
+ENDING_GRACE_S = 10.0
 PROG = "sapt.run_lock"
 
 logger = logging.getLogger(__name__)
@@ -88,6 +93,28 @@ def _same_file(path: Path, fd: int) -> bool:
     return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
 
 
+def _is_ancestor(holder: Holder | str) -> bool:
+    return isinstance(holder, Holder) and holder.identity in os.environ.get(HOLDER_ENV, "").split(",")
+
+
+def _in_use(path: Path, holder: Holder | str) -> str:
+    user = f"processes started by {holder}, which has ended" if _has_ended(holder) else str(holder)
+    return f"{path}: this run is in use by {user}; run again once it has ended"
+
+
+def _has_ended(holder: Holder | str) -> bool:
+    """Whether the holder a lock file names is a process of this host that is no longer running."""
+    if not isinstance(holder, Holder) or holder.host != socket.gethostname():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # running, as another user
+        pass
+    return False
+
+
 def _new_lock_file(path: Path, holder: Holder) -> tuple[int, str]:
     """A temporary file beside `path` naming `holder`, open and flocked: (fd, its path)."""
     try:
@@ -108,6 +135,7 @@ def _new_lock_file(path: Path, holder: Holder) -> tuple[int, str]:
 def _acquire(path: Path) -> int | None:
     """Hold the lock file `path`: its open, flocked fd; None when an ancestor of this process holds it."""
     fd, tmp = _new_lock_file(path, Holder.this_process())
+    grace_end = time.monotonic() + ENDING_GRACE_S
     try:
         while True:
             try:
@@ -122,11 +150,13 @@ def _acquire(path: Path) -> int | None:
             try:
                 holder = _read_holder(found)
                 if not _flock(found):
-                    ancestors = os.environ.get(HOLDER_ENV, "").split(",")
-                    if isinstance(holder, Holder) and holder.identity in ancestors:
+                    if _is_ancestor(holder):
                         os.close(fd)
                         return None
-                    raise RunLocked(f"{path}: this run is in use by {holder}; run again once it has ended")
+                    if _has_ended(holder) and time.monotonic() < grace_end:  # its children are still ending
+                        time.sleep(0.1)
+                        continue
+                    raise RunLocked(_in_use(path, holder))
                 if not _same_file(path, found):  # another newcomer took it over first: look again
                     continue
                 os.replace(tmp, path)
