@@ -29,17 +29,38 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: {self.strerror}"
 
 
+TEMPORARY_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a file's next content until it is renamed into place
+
+
+def _temporary_beside(path: Path) -> str:
+    """A new empty temporary file beside `path`, for its next content."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        os.close(fd)
+        return tmp
+    except OSError as err:
+        raise WriteError(path, err.strerror or first_line(err), err.errno) from err
+
+
+def remove_temporaries(folder: str | Path, name: str | None = None, recursive: bool = False) -> None:
+    """Remove the temporaries that writes killed mid-way left in `folder` (and below, if `recursive`): of
+    every file, or of the files named `name`. Only where nobody else is writing (a run under its lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    prefix = f".{name}." if name else "."
+    for path in folder.rglob("*") if recursive else folder.iterdir():
+        if path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds. An OSError
     on the way becomes a WriteError naming `path`."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as err:
-        raise WriteError(path, err.strerror or first_line(err), err.errno) from err
+    tmp = _temporary_beside(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -78,6 +99,26 @@ def write_bytes_if_changed(path: str | Path, data: bytes) -> bool:
         tmp.write_bytes(data)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; data files are meant to be shared
     return True
+
+
+def write_files_atomic(files: dict[Path, bytes]) -> None:
+    """Write every file (mode 0644) under a temporary name first, then rename them all into place: a failed
+    write leaves them all as they were."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, payload in files.items():
+            staged.append((_temporary_beside(path), path))
+            Path(staged[-1][0]).write_bytes(payload)
+            os.chmod(staged[-1][0], 0o644)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException as err:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            path = staged[-1][1] if staged else next(iter(files))
+            raise WriteError(path, err.strerror or first_line(err), err.errno) from err
+        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
