@@ -50,7 +50,7 @@ from ..run_files import (
     run_lock_path,
 )
 from ..utils.cli import UsageError, report_error
-from ..utils.fileio import EXIT_WRITE, WriteError, write_json_atomic, write_text_atomic
+from ..utils.fileio import EXIT_WRITE, WriteError, remove_temporaries, write_json_atomic, write_text_atomic
 from ..utils.logs import setup_cli_logging
 from ..utils.run_lock import EXIT_LOCKED, RunLocked, run_lock
 from ..utils.zero3 import init_deepspeed_comm, is_split
@@ -94,12 +94,16 @@ class TaskStep:
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     """Check, set up, train, save, evaluate and record one task step; returns all_results.json's content."""
     output_dir = Path(training_args.output_dir)
-    with hold_run(output_dir):  # one writer per run: a second one stops here, before reading the run
+    first = first_process()
+    with run_lock(run_lock_path(output_dir)) if first else nullcontext():  # one writer per run: a second stops here
         task_plan = plan(args)
         validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
         if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
             logger.info("%s is complete; nothing to do", output_dir)
             return json.loads((output_dir / RESULTS_FILE).read_text())
+        if first:  # what a killed run's writes left half-way (the run is locked: nobody else writes here)
+            remove_temporaries(output_dir, recursive=True)
+            remove_temporaries(output_dir.parent, TASK_ORDER_FILE)
         step = set_up(args, training_args, task_plan)
         train_metrics = train(step)
         save(step)
@@ -108,10 +112,10 @@ def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
         return results
 
 
-def hold_run(output_dir: Path):
-    """The lock of the run `output_dir` belongs to, taken by the first process only (torchrun and
+def first_process() -> bool:
+    """Whether this is the first process of the task step, the one that holds the run's lock (torchrun and
     DeepSpeed set RANK; the others are part of its job)."""
-    return run_lock(run_lock_path(output_dir)) if os.environ.get("RANK", "0") == "0" else nullcontext()
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ---- set up ---------------------------------------------------------------------------------------
