@@ -150,11 +150,11 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
 def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
     from sapt.training.resume import latest_complete_checkpoint
 
-    for step, complete in ((2, True), (4, True), (6, False)):
+    for step, state in ((2, "{}"), (4, '{"global_step": 4}\n'), (6, None), (8, '{"global_step": ')):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        if state is not None:  # the Trainer writes it last, in place: a kill can leave it cut short
+            (folder / "trainer_state.json").write_text(state)
     assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
-    assert not (tmp_path / "checkpoint-6").exists()
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-8").exists()
     assert latest_complete_checkpoint(tmp_path / "missing") is None

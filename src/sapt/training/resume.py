@@ -11,6 +11,7 @@ transformers must look.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -138,18 +139,26 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
 
 
 def latest_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest Trainer checkpoint whose trainer_state.json (written last) exists; a folder a kill
-    cut short is removed rather than resumed from."""
+    """The newest Trainer checkpoint whose trainer_state.json (written last, and not atomically by the
+    Trainer) is whole; a folder a kill cut short is removed rather than resumed from."""
     if not output_dir.is_dir():
         return None
     numbered = []
     for folder in checkpoint_folders(output_dir):
-        if (folder / TRAINER_STATE_NAME).is_file():
+        if _is_whole_json(folder / TRAINER_STATE_NAME):
             numbered.append((int(folder.name.rsplit("-", 1)[-1]), folder))
         else:
             logger.warning("removing %s: its writing was interrupted", folder)
             shutil.rmtree(folder, ignore_errors=True)
     return str(max(numbered)[1]) if numbered else None
+
+
+def _is_whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError):  # missing, or cut short
+        return False
 
 
 def remove_checkpoints(output_dir: Path) -> None:
