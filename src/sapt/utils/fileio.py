@@ -32,7 +32,7 @@ class WriteError(OSError):
 TEMPORARY_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a file's next content until it is renamed into place
 
 
-def _temporary_beside(path: Path) -> str:
+def temporary_beside(path: Path) -> str:
     """A new empty temporary file beside `path`, for its next content."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds. An OSError
     on the way becomes a WriteError naming `path`."""
     path = Path(path)
-    tmp = _temporary_beside(path)
+    tmp = temporary_beside(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -107,7 +107,7 @@ def write_files_atomic(files: dict[Path, bytes]) -> None:
     staged: list[tuple[str, Path]] = []
     try:
         for path, payload in files.items():
-            staged.append((_temporary_beside(path), path))
+            staged.append((temporary_beside(path), path))
             Path(staged[-1][0]).write_bytes(payload)
             os.chmod(staged[-1][0], 0o644)
         for tmp, path in staged:

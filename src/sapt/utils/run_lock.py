@@ -26,13 +26,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .fileio import EXIT_WRITE, WriteError
+from .fileio import EXIT_WRITE, WriteError, temporary_beside
 from .logs import setup_cli_logging
 
 HOLDER_ENV = "SAPT_RUN_LOCK_HOLDER"  # the lock holders a process descends from: "pid@host,..."
@@ -117,18 +116,19 @@ def _has_ended(holder: Holder | str) -> bool:
 
 def _new_lock_file(path: Path, holder: Holder) -> tuple[int, str]:
     """A temporary file beside `path` naming `holder`, open and flocked: (fd, its path)."""
+    tmp = temporary_beside(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        Path(tmp).write_text(json.dumps(asdict(holder)) + "\n")
+        fd = os.open(tmp, os.O_RDWR)
     except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
         raise WriteError(path, err.strerror or str(err), err.errno) from err
     try:
-        os.write(fd, json.dumps(asdict(holder)).encode() + b"\n")
         fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else has this file open: never waits
-    except OSError as err:
+    except OSError as err:  # a filesystem without locks
         os.close(fd)
-        os.unlink(tmp)
-        raise WriteError(path, err.strerror or str(err), err.errno) from err
+        Path(tmp).unlink(missing_ok=True)
+        raise WriteError(path, f"the filesystem refused a lock ({err.strerror or err})", err.errno) from err
     return fd, tmp
 
 
@@ -147,6 +147,8 @@ def _acquire(path: Path) -> int | None:
                 found = os.open(path, os.O_RDWR)  # NFS grants an exclusive flock only to a writer
             except FileNotFoundError:  # released meanwhile: try again
                 continue
+            except OSError as err:  # another user's, say
+                raise RunLocked(f"{path}: cannot open this run's lock ({err.strerror or err})") from err
             try:
                 holder = _read_holder(found)
                 if not _flock(found):
@@ -207,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             # Ctrl-C reaches COMMAND through the terminal's process group: wait for it to stop. (A
             # handler, not SIG_IGN, so that COMMAND starts with the default.)
             signal.signal(signal.SIGINT, lambda *_: None)
-            return subprocess.call(argv[split + 1:], pass_fds=[fd for fd in fds if fd is not None],
-                                   env=holder_env(dict(os.environ)))
+            try:
+                return subprocess.call(argv[split + 1:], pass_fds=[fd for fd in fds if fd is not None],
+                                       env=holder_env(dict(os.environ)))
+            except OSError as err:  # COMMAND could not be started
+                print(f"{PROG}: error: cannot run {argv[split + 1]}: {err.strerror or err}", file=sys.stderr)
+                return 127
     except (RunLocked, WriteError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return EXIT_LOCKED if isinstance(err, RunLocked) else EXIT_WRITE
-    except OSError as err:  # COMMAND could not be started
-        print(f"{PROG}: error: cannot run {argv[split + 1]}: {err.strerror or err}", file=sys.stderr)
-        return 127
