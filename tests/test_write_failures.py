@@ -9,6 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers.trainer_callback import TrainerState
 
@@ -25,6 +28,43 @@ ARTIFACTS = ["all_results.json", "block.safetensors", "router.safetensors", "rou
 FULL_DISK = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+# ---- the writers themselves ---------------------------------------------------------------------
+def test_each_writer_on_a_full_disk_names_the_file_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    old = {tmp_path / "a.json": b'{"old": 1}\n', tmp_path / "b.txt": b"old\n", tmp_path / "t.safetensors": b"old"}
+    for path, content in old.items():
+        path.write_bytes(content)
+
+    def half_written(path):
+        with open(path, "wb") as file:
+            file.write(b'{"half')
+
+    def full(path, *_):  # half of the file reaches the disk, then the write fails
+        half_written(path)
+        raise FULL_DISK
+
+    def safetensors_full(tensors, filename, metadata=None):  # safetensors raises its own error type
+        half_written(filename)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full(self))
+    monkeypatch.setattr(Path, "write_bytes", lambda self, *a, **k: full(self))
+    monkeypatch.setattr(safetensors.torch, "save_file", safetensors_full)
+    writes = {
+        tmp_path / "a.json": lambda: fileio.write_json_atomic(tmp_path / "a.json", {"new": 2}),
+        tmp_path / "b.txt": lambda: fileio.write_files_atomic({tmp_path / "b.txt": b"new\n"}),
+        tmp_path / "t.safetensors": lambda: fileio.save_tensors_atomic(tmp_path / "t.safetensors", {"x": torch.ones(2)}),
+    }
+    for path, write in writes.items():
+        with pytest.raises(fileio.WriteError) as failure:
+            write()
+        assert str(failure.value).startswith(f"cannot write {path}: ") and "No space left on device" in str(failure.value)
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in old)  # no temporary left
+
+
+# ---- a task step ---------------------------------------------------------------------------------
 def argv(model_dir, out: Path) -> list[str]:
     """8 examples, batch 4, 3 epochs: checkpoints after steps 2, 4, 6, the last one kept (as pipelines do)."""
     return [
