@@ -51,6 +51,10 @@ def test_a_second_holder_is_refused_at_once_and_a_descendant_is_let_in(tmp_path)
         assert json.loads(lock.read_text()) == holder  # still the first holder's
     assert not lock.exists()  # removed by its holder when done
     assert lock_command(lock, "true").returncode == 0 and not lock.exists()
+    # Folders made for the lock alone go with it; those the command wrote into stay.
+    assert lock_command(tmp_path / "a" / "b" / "run.lock", "true").returncode == 0 and not (tmp_path / "a").exists()
+    assert lock_command(tmp_path / "a" / "b" / "run.lock", "touch", str(tmp_path / "a" / "kept")).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["kept"]
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):

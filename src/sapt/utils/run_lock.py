@@ -178,6 +178,7 @@ def run_lock(path: str | Path):
     """Hold the lock file `path` for the block (RunLocked if another live process holds it). Yields the
     lock's open file descriptor, which child processes may inherit, or None when an ancestor holds it."""
     path = Path(path)
+    made = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]  # deepest first
     fd = _acquire(path)
     try:
         yield fd
@@ -186,6 +187,11 @@ def run_lock(path: str | Path):
             if _same_file(path, fd):  # nobody can replace it while we hold the flock
                 path.unlink()
             os.close(fd)
+        for folder in made:  # made for the lock alone (a run stopped by a user mistake): leave no trace
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the run wrote there
+                break
 
 
 def holder_env(env: dict) -> dict:
