@@ -13,7 +13,8 @@ PACKAGE = REPO_ROOT / "src" / "sapt"
 LAYERS = ("utils", "method", "training", "experiments", "tools", "commands")
 # `python -m sapt.<name>`: thin entry modules at the top, each running the main of its home below.
 COMMANDS = {"train_task": "training", "evaluate": "experiments", "score": "experiments", "tiny": "tools",
-            "interop": "tools", "prepare_data": "tools", "pseudo_data": "tools", "export": "tools"}
+            "interop": "tools", "prepare_data": "tools", "pseudo_data": "tools", "export": "tools",
+            "run_lock": "utils"}
 
 
 def module_names(package: Path) -> dict[str, Path]:

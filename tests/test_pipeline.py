@@ -262,7 +262,8 @@ def own_order_args(tmp_path, *extra, output="p.sh"):
 
 
 def test_default_pipeline_is_unchanged_by_seeds_support(tmp_path, capsys):
-    """Without --seeds the pipeline is byte for byte what the generator wrote before --seeds existed."""
+    """Without --seeds the pipeline is byte for byte what the generator wrote before --seeds existed (and
+    the run lock, which came later)."""
     script = generate_in_process("long_llama", *own_order_args(tmp_path, "--single_run", "alone"), capsys=capsys)
     expected = f"""#!/usr/bin/env bash
 # sapt on Long_Sequence / llama, order custom (2 tasks), quick mode
@@ -274,6 +275,9 @@ cd {tmp_path}
 PYTHON={shlex.quote(sys.executable)}
 RUN=sapt_long_llama_tasks_quick
 CONFIGS={tmp_path}/p
+
+# One pipeline per run: the rest runs holding the run's lock, or stops here naming its holder.
+if [ "${{1:-}}" != --locked ]; then exec python -m sapt.run_lock logs_and_outputs/sapt_long_llama_tasks_quick/outputs/run.lock -- bash {tmp_path}/p.sh --locked; fi
 
 STEPS=(1-c_task 2-a_task)
 for STEP in "${{STEPS[@]}}"; do

@@ -1,5 +1,6 @@
 """A run survives being killed: pipelines continue mid-task, finished tasks stay untouched, results
-equal an uninterrupted run of the same seed byte for byte; SIGTERM saves and stops."""
+equal an uninterrupted run of the same seed byte for byte, wherever the kills land (the chaos test);
+SIGTERM saves and stops."""
 
 import os
 import signal
@@ -78,6 +79,46 @@ def test_killed_pipeline_continues_and_ends_as_an_uninterrupted_run(uninterrupte
     assert not list(second.glob("*/checkpoint-*")), "checkpoints are removed once a task completes"
 
 
+# Where the chaos test kills the pipeline, in the order the run reaches them: each is the rename into place
+# of a file (tests/kill_switch), so the kill lands inside that file's write. A restart after each kill goes
+# on from the last complete state, so the next point is still ahead. Each pipeline trains 3 epochs of
+# one step each: checkpoint-1..3.
+KILL_POINTS = [
+    ("task 1: a checkpoint's optimizer state", "*/outputs/1-*/checkpoint-*/optimizer.safetensors"),
+    ("task 1: its block (final save)", "*/outputs/1-*/block.safetensors"),
+    ("task 1: a prediction file", "*/outputs/1-*/predictions/*.jsonl"),
+    ("task 1: the completion marker", "*/outputs/1-*/task_complete.json"),
+    ("task 2: the second checkpoint's RNG state", "*/outputs/2-*/checkpoint-2/rng_state_0.json"),
+    ("task 2: its dev routing mean", "*/outputs/2-*/routing_mean.json"),
+    ("task 2: the routing file", "*/outputs/2-*/routing_weights.json"),
+    ("task 3: the last checkpoint's trainable tensors", "*/outputs/3-*/checkpoint-3/trainable.safetensors"),
+    ("task 3: the router", "*/outputs/3-*/router.safetensors"),
+    ("task 3: the run's task order", "*/outputs/task_order.txt"),
+    ("task 3: the completion marker", "*/outputs/3-*/task_complete.json"),
+    ("scoring: the run's score", "*/results/q.json"),
+]
+KILL_SWITCH = REPO_ROOT / "tests" / "kill_switch"
+
+
+def run_state(workdir: Path) -> dict:
+    """Every file of the run and its score, as bytes (the Trainer's timings aside)."""
+    roots = [outputs(workdir), workdir / "results"]
+    return {str(p.relative_to(workdir)): p.read_bytes() for root in roots for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != "train_results.json"}
+
+
+def test_killed_at_every_kind_of_point_ends_as_an_uninterrupted_run(uninterrupted, tmp_path):
+    script = write_pipeline(tmp_path)
+    path = [str(KILL_SWITCH)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for what, pattern in KILL_POINTS:
+        env = {**os.environ, "SAPT_TEST_KILL_AT": pattern, "PYTHONPATH": os.pathsep.join(path)}
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=900, env=env,
+                              start_new_session=True)
+        assert done.returncode == -signal.SIGKILL, f"{what}: not reached\n{done.stderr[-3000:]}"
+    run(script)
+    assert run_state(tmp_path) == run_state(uninterrupted)
+
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_path):
     task = SUPERNI_TASKS[0]
     out = tmp_path / f"1-{task}"
@@ -109,11 +150,11 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
 def test_a_checkpoint_cut_short_is_not_resumed_from(tmp_path):
     from sapt.training.resume import latest_complete_checkpoint
 
-    for step, complete in ((2, True), (4, True), (6, False)):
+    for step, state in ((2, "{}"), (4, '{"global_step": 4}\n'), (6, None), (8, '{"global_step": ')):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        if complete:
-            (folder / "trainer_state.json").write_text("{}")
+        if state is not None:  # the Trainer writes it last, in place: a kill can leave it cut short
+            (folder / "trainer_state.json").write_text(state)
     assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
-    assert not (tmp_path / "checkpoint-6").exists()
+    assert not (tmp_path / "checkpoint-6").exists() and not (tmp_path / "checkpoint-8").exists()
     assert latest_complete_checkpoint(tmp_path / "missing") is None

@@ -74,6 +74,7 @@ def test_user_mistakes_get_one_line_and_exit_2(tiny_models, tmp_path):
     outputs = tmp_path / "outputs"
     second = train_task(tiny_models["t5"], outputs, 2, "t5")  # no first task trained
     assert second.returncode == 2
+    assert not outputs.exists()  # nothing written, not even the run's lock or its folder
     assert second.stderr.strip().splitlines()[-1].startswith("sapt.train_task: error: ")
     assert "Traceback" not in second.stderr
     unknown = train_task(tiny_models["t5"], outputs, 1, "t5", extra=["--task", "nope"])

@@ -7,8 +7,11 @@ method's ``checkpoint`` and the harness's writer and scorer import the same name
 """
 
 import re
+from pathlib import Path
 
 TASK_ORDER_FILE = "task_order.txt"
+# Held by the pipeline or task step writing the run (sapt.utils.run_lock): one writer per outputs/ folder.
+RUN_LOCK_FILE = "run.lock"
 RESULTS_FILE = "all_results.json"
 COMPLETE_FILE = "task_complete.json"  # written last by a finished task step: its folder is whole
 ROUTING_FILE = "routing_weights.json"  # mean routing of each seen task's test inputs, after this task
@@ -29,6 +32,11 @@ RESULT_KEY_PREFIX = {"rougeL": "predict_eval_rougeL_for_", "exact_match": "predi
 def task_dir_name(position: int, task: str) -> str:
     """`<i>-<task>`: the folder of the task at 1-based `position` of the order."""
     return f"{position}-{task}"
+
+
+def run_lock_path(task_dir: str | Path) -> Path:
+    """The lock of the run a task folder belongs to: beside it, where task_order.txt is written too."""
+    return Path(task_dir).parent / RUN_LOCK_FILE
 
 
 def result_key(metric: str, task: str) -> str:

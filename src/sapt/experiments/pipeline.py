@@ -4,7 +4,8 @@ The four `gen_script_*.py` files are presets over `main()`. The pipeline trains 
 process each, skips tasks whose folder is complete (so running it again continues where it stopped),
 and ends with `python -m sapt.score` (what `score.py` runs). With `--seeds 1,2,3` one pipeline runs the
 whole experiment once per seed, one seed after another (runs `<run>_seed1`, ...), and ends with
-`python -m sapt.score --aggregate` over them.
+`python -m sapt.score --aggregate` over them. A pipeline holds its runs' locks throughout: a second one
+on the same run stops at once, naming the first.
 
 Everything is written under `--workdir` (default: the directory the generator runs in), and every
 relative path is read there: the pipeline, its configs, logs_and_outputs/, results/, tiny_models/. The
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..config import METHODS
-from ..run_files import COMPLETE_FILE, task_dir_name
+from ..run_files import COMPLETE_FILE, run_lock_path, task_dir_name
 from ..training.data import DataError
 from ..training.preflight import check_split_file, locate_backbone, pseudo_files, split_files
 from ..training.release_exact import ReleaseArgumentError, generator_switches, release_task_arguments
@@ -44,6 +45,8 @@ PYTHON = '"$PYTHON"'
 SCORE_COMMAND = f"{PYTHON} -m sapt.score"
 PSEUDO_DATA_COMMAND = f"{PYTHON} -m sapt.pseudo_data"
 TINY_COMMAND = f"{PYTHON} -m sapt.tiny"
+LOCK_COMMAND = f"{PYTHON} -m sapt.run_lock"
+LOCKED_FLAG = "--locked"  # the pipeline's argument when it runs again holding its runs' locks
 # Where a pipeline is written when --output is not given, under the workdir.
 GENERATED_PIPELINES = "scripts/generated"
 DEFAULT_SEED = 42
@@ -387,6 +390,18 @@ def _header(exp: Experiment, also: str = "") -> list[str]:
     ]
 
 
+def _lock_lines(runs: list[Experiment], script: Path) -> list[str]:
+    """The pipeline runs itself again holding its runs' locks (sapt.run_lock): a second pipeline on one
+    of them stops at once, naming the first."""
+    q = shlex.quote
+    locks = " ".join(q(str(run_lock_path(run.output_dir(1)))) for run in runs)
+    return [
+        "# One pipeline per run: the rest runs holding the run's lock, or stops here naming its holder.",
+        f'if [ "${{1:-}}" != {LOCKED_FLAG} ]; then exec {LOCK_COMMAND} {locks} -- bash {q(str(script))} {LOCKED_FLAG}; fi',
+        "",
+    ]
+
+
 def _tiny_model_lines(exp: Experiment) -> list[str]:
     if not exp.build_tiny:
         return []
@@ -437,10 +452,10 @@ def _quick_note(exp: Experiment) -> list[str]:
     return ["", f"echo {shlex.quote('[pipeline] ' + note)}"]
 
 
-def render_pipeline(exp: Experiment, config_dir: str) -> str:
+def render_pipeline(exp: Experiment, config_dir: str, script: Path) -> str:
     q = shlex.quote
     lines = _header(exp) + [f"RUN={q(exp.run_name)}", f"CONFIGS={q(config_dir)}", ""]
-    lines += _tiny_model_lines(exp) + _run_lines(exp) + _quick_note(exp)
+    lines += _lock_lines([exp], script) + _tiny_model_lines(exp) + _run_lines(exp) + _quick_note(exp)
     return "\n".join(lines) + "\n"
 
 
@@ -448,12 +463,12 @@ def seed_config_dir(config_dir: Path, seed: int) -> Path:
     return config_dir / f"seed{seed}"
 
 
-def render_seeds_pipeline(exp: Experiment, config_dir: Path) -> str:
+def render_seeds_pipeline(exp: Experiment, config_dir: Path, script: Path) -> str:
     """The experiment once per seed, one seed after another, then mean, std and CI over the seeds' runs."""
     q = shlex.quote
     runs = exp.seed_runs()
     lines = _header(exp, f", seeds {', '.join(map(str, exp.seeds))} one after another")
-    lines += [""] + _tiny_model_lines(exp)
+    lines += [""] + _lock_lines(runs, script) + _tiny_model_lines(exp)
     for run in runs:
         lines += [f"# seed {run.seed}", f"RUN={q(run.run_name)}", f"CONFIGS={q(str(seed_config_dir(config_dir, run.seed)))}"]
         lines += _run_lines(run) + [""]
@@ -475,10 +490,10 @@ def write_experiment(exp: Experiment, output: Path) -> Path:
     if exp.seeds:
         for run in exp.seed_runs():
             write_configs(run, seed_config_dir(config_dir, run.seed))
-        text = render_seeds_pipeline(exp, config_dir)
+        text = render_seeds_pipeline(exp, config_dir, output)
     else:
         write_configs(exp, config_dir)
-        text = render_pipeline(exp, str(config_dir))
+        text = render_pipeline(exp, str(config_dir), output)
     write_text_atomic(output, text)
     output.chmod(0o755)
     return output

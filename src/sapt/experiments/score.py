@@ -30,16 +30,15 @@ import io
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..run_files import ROUTING_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
+from ..utils.fileio import remove_temporaries, write_files_atomic
 from ..utils.logs import setup_cli_logging
 from .aggregate import (
     COMPARABLE_KEYS,
@@ -278,23 +277,11 @@ def read_routing(path: Path) -> tuple[list[str], list[str], np.ndarray]:
 # Files
 
 
-def write_files_atomic(files: dict[Path, bytes]) -> None:
-    """Write every file under a temporary name first, then rename them all into place."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, payload in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-            os.chmod(tmp, 0o644)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
+def write_results(files: dict[Path, bytes]) -> None:
+    """The scoring's files, all or nothing, after removing what an interrupted scoring left of them."""
+    for path in files:
+        remove_temporaries(path.parent, path.name)
+    write_files_atomic(files)
 
 
 def _json_number(value):
@@ -380,7 +367,7 @@ def write_report(results: Path, run_name, outputs, tasks, matrix, metric_name, a
     trace_png = results / f"{run_name}_routing_trace.png"
     if traces is not None:
         files[trace_png] = render_trace(traces, tasks, f"{run_name}: own-block weight while training (dev probes)")
-    write_files_atomic(files)
+    write_results(files)
     for figure in (routing_png, accuracy_png, trace_png):
         if figure not in files and figure.exists():
             figure.unlink()
@@ -460,7 +447,7 @@ def aggregate_runs(args) -> None:
         results / f"{stem}.txt": text.encode("utf-8"),
         results / f"{stem}.json": (json.dumps(record, indent=2) + "\n").encode("utf-8"),
     }
-    write_files_atomic(files)
+    write_results(files)
     sys.stdout.write(text)
     print_written(files)
 

@@ -12,7 +12,6 @@ transformers must look.
 from __future__ import annotations
 
 import json
-
 import logging
 import random
 import shutil
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..utils.fileio import save_tensors_atomic
+from ..utils.fileio import WriteError, save_tensors_atomic
 from ..utils.state_files import load_state, save_state, state_exists
 from ..utils.zero3 import gathered
 
@@ -70,8 +69,22 @@ class PickleFreeCheckpoints:
             part.load(resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial):
-        if self.writes_checkpoints:  # also when a callback (a signal, an epoch) asks for one
+        """Also when a callback (a signal, an epoch) asks for one. A checkpoint that cannot be written
+        whole (a full disk) is removed, the previous one stays, and a WriteError names what failed."""
+        if not self.writes_checkpoints:
+            return
+        before = set(checkpoint_folders(Path(self.args.output_dir)))
+        try:
             super()._save_checkpoint(model, trial)
+        except OSError as err:
+            new = sorted(set(checkpoint_folders(Path(self.args.output_dir))) - before)
+            if self.args.should_save:
+                for folder in new:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(err, WriteError):
+                raise
+            where = new[0] if new else Path(self.args.output_dir)  # the Trainer's own files: trainer_state.json
+            raise WriteError(where, err.strerror or str(err), err.errno) from err
 
     # The Trainer would torch.save (pickle) these; here they are safetensors + JSON (sapt.utils.state_files).
     def _save_optimizer_and_scheduler(self, output_dir):
@@ -120,22 +133,32 @@ class PickleFreeCheckpoints:
 
 
 # ---- the checkpoint folders of a task's output folder -------------------------------------------
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """The Trainer's numbered checkpoint folders in `output_dir`."""
+    return [f for f in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.name.rsplit("-", 1)[-1].isdigit()]
+
+
 def latest_complete_checkpoint(output_dir: Path) -> str | None:
-    """The newest Trainer checkpoint whose trainer_state.json (written last) exists; a folder a kill
-    cut short is removed rather than resumed from."""
+    """The newest Trainer checkpoint whose trainer_state.json (written last, and not atomically by the
+    Trainer) is whole; a folder a kill cut short is removed rather than resumed from."""
     if not output_dir.is_dir():
         return None
     numbered = []
-    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = folder.name.rsplit("-", 1)[-1]
-        if not step.isdigit():
-            continue
-        if (folder / TRAINER_STATE_NAME).is_file():
-            numbered.append((int(step), folder))
+    for folder in checkpoint_folders(output_dir):
+        if _is_whole_json(folder / TRAINER_STATE_NAME):
+            numbered.append((int(folder.name.rsplit("-", 1)[-1]), folder))
         else:
             logger.warning("removing %s: its writing was interrupted", folder)
             shutil.rmtree(folder, ignore_errors=True)
     return str(max(numbered)[1]) if numbered else None
+
+
+def _is_whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+        return True
+    except (OSError, ValueError):  # missing, or cut short
+        return False
 
 
 def remove_checkpoints(output_dir: Path) -> None:

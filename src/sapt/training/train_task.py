@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,18 @@ from ..config import INIT_SCHEME, SaptConfig, release_temperature
 from ..model import SaptModel
 from ..own_block import own_block_loss
 from ..reflection import AttentiveReflection, mean_routing
-from ..run_files import COMPLETE_FILE, RESULTS_FILE, ROUTING_FILE, TASK_ARGS_FILE, TASK_ORDER_FILE
+from ..run_files import (
+    COMPLETE_FILE,
+    RESULTS_FILE,
+    ROUTING_FILE,
+    TASK_ARGS_FILE,
+    TASK_ORDER_FILE,
+    run_lock_path,
+)
 from ..utils.cli import UsageError, report_error
-from ..utils.fileio import write_json_atomic, write_text_atomic
+from ..utils.fileio import EXIT_WRITE, WriteError, remove_temporaries, write_json_atomic, write_text_atomic
 from ..utils.logs import setup_cli_logging
+from ..utils.run_lock import EXIT_LOCKED, RunLocked, run_lock
 from ..utils.zero3 import init_deepspeed_comm, is_split
 from .collators import Collator
 from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of
@@ -89,18 +98,29 @@ class TaskStep:
 # ---- the recipe -----------------------------------------------------------------------------------
 def run(args: SaptArguments, training_args: Seq2SeqTrainingArguments) -> dict:
     """Check, set up, train, save, evaluate and record one task step; returns all_results.json's content."""
-    task_plan = plan(args)
-    validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
     output_dir = Path(training_args.output_dir)
-    if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
-        logger.info("%s is complete; nothing to do", output_dir)
-        return json.loads((output_dir / RESULTS_FILE).read_text())
-    step = set_up(args, training_args, task_plan)
-    train_metrics = train(step)
-    save(step)
-    results, predictions = evaluate(step)
-    record(step, results, predictions, train_metrics)
-    return results
+    first = first_process()
+    with run_lock(run_lock_path(output_dir)) if first else nullcontext():  # one writer per run: a second stops here
+        task_plan = plan(args)
+        validate_task_inputs(args, training_args, task_plan)  # user mistakes end here, before anything is loaded
+        if (output_dir / COMPLETE_FILE).is_file():  # finished work is never redone
+            logger.info("%s is complete; nothing to do", output_dir)
+            return json.loads((output_dir / RESULTS_FILE).read_text())
+        if first:  # what a killed run's writes left half-way (the run is locked: nobody else writes here)
+            remove_temporaries(output_dir, recursive=True)
+            remove_temporaries(output_dir.parent, TASK_ORDER_FILE)
+        step = set_up(args, training_args, task_plan)
+        train_metrics = train(step)
+        save(step)
+        results, predictions = evaluate(step)
+        record(step, results, predictions, train_metrics)
+        return results
+
+
+def first_process() -> bool:
+    """Whether this is the first process of the task step, the one that holds the run's lock (torchrun and
+    DeepSpeed set RANK; the others are part of its job)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ---- set up ---------------------------------------------------------------------------------------
@@ -396,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"{PROG}: {stop.args[0]}", file=sys.stderr)
         return stop.exit_code
+    except RunLocked as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_LOCKED
+    except WriteError as err:  # a full disk, say: the last complete state is intact, the same command resumes
+        print(f"{PROG}: error: {err}; the same command continues once it can write", file=sys.stderr)
+        return EXIT_WRITE
     logger.info("done: %s", json.dumps({k: v for k, v in results.items() if k.startswith("predict_")}))
     return 0
 

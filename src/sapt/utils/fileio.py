@@ -1,4 +1,7 @@
-"""Atomic writes: every artifact appears whole under its final name or not at all."""
+"""Atomic writes: every artifact appears whole under its final name or not at all.
+
+A write that fails (a full disk, a quota) raises `WriteError` naming the file, and leaves the file as it was
+(absent, or its previous content): nothing half-written appears under a final name."""
 
 from __future__ import annotations
 
@@ -13,18 +16,58 @@ from pathlib import Path
 from .cli import first_line
 
 
+EXIT_WRITE = 74  # exit status of a command stopped by a WriteError (sysexits' EX_IOERR)
+
+
+class WriteError(OSError):
+    """A file could not be written; it was left as it was. Its message is one line naming the file."""
+
+    def __init__(self, path: str | Path, reason: str, errno: int | None = None):
+        super().__init__(errno, reason, str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+TEMPORARY_SUFFIX = ".tmp"  # `.<name>.<random>.tmp`: a file's next content until it is renamed into place
+
+
+def temporary_beside(path: Path) -> str:
+    """A new empty temporary file beside `path`, for its next content."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        os.close(fd)
+        return tmp
+    except OSError as err:
+        raise WriteError(path, err.strerror or first_line(err), err.errno) from err
+
+
+def remove_temporaries(folder: str | Path, name: str | None = None, recursive: bool = False) -> None:
+    """Remove the temporaries that writes killed mid-way left in `folder` (and below, if `recursive`): of
+    every file, or of the files named `name`. Only where nobody else is writing (a run under its lock)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    prefix = f".{name}." if name else "."
+    for path in folder.rglob("*") if recursive else folder.iterdir():
+        if path.name.startswith(prefix) and path.name.endswith(TEMPORARY_SUFFIX) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds. An OSError
+    on the way becomes a WriteError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err.strerror or first_line(err), err.errno) from err
         raise
 
 
@@ -58,6 +101,26 @@ def write_bytes_if_changed(path: str | Path, data: bytes) -> bool:
     return True
 
 
+def write_files_atomic(files: dict[Path, bytes]) -> None:
+    """Write every file (mode 0644) under a temporary name first, then rename them all into place: a failed
+    write leaves them all as they were."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, payload in files.items():
+            staged.append((temporary_beside(path), path))
+            Path(staged[-1][0]).write_bytes(payload)
+            os.chmod(staged[-1][0], 0o644)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException as err:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            path = staged[-1][1] if staged else next(iter(files))
+            raise WriteError(path, err.strerror or first_line(err), err.errno) from err
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -72,11 +135,15 @@ def write_jsonl_atomic(path: str | Path, records) -> None:
 
 
 def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file  # here: readers of JSON records need not load torch
+    from safetensors import SafetensorError  # here: readers of JSON records need not load torch
+    from safetensors.torch import save_file
 
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        try:
+            save_file(contiguous, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # safetensors reports its I/O errors (a full disk) as its own
+            raise WriteError(path, first_line(err)) from err
 
 
 @contextmanager
