@@ -141,7 +141,9 @@ def step_budget(benchmark: str, is_encoder_decoder: bool, task: str, position: i
 
 # ---- checks of a task step's arguments (sapt.training.validation) ----------------------------------------------
 # The router remedies of sapt.train_task (docs/router.md): not the release's, so never in its mode.
-REMEDY_ARGUMENTS = ("arm_warmup_steps", "arm_target_floor", "own_block_weight", "router_pretrain_steps")
+REMEDY_ARGUMENTS = (
+    "arm_warmup_steps", "arm_target_floor", "own_block_weight", "router_pretrain_steps", "freeze_router_while_training",
+)
 
 
 def check_release_arguments(args, training_args, is_encoder_decoder: bool) -> None:

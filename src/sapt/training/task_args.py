@@ -75,6 +75,11 @@ class SaptArguments:
         metadata={"help": "SAPT remedy: before each task after the first, this many steps train the router alone on the "
                           "own-block loss and ARM (no LM forward); needs --own_block_weight > 0."},
     )
+    freeze_router_while_training: bool = field(
+        default=False,
+        metadata={"help": "SAPT remedy: with --router_pretrain_steps, the router (query network and key) takes no step while "
+                          "the task's block trains: routing is what the pretraining learned."},
+    )
     routing_trace_every: int = field(
         default=10, metadata={"help": "SAPT: record the routing trace every N optimizer steps and at each evaluation (0: off)."}
     )

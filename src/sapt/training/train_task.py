@@ -294,8 +294,14 @@ def train(step: TaskStep) -> dict:
         logger.info("resuming %s from %s", step.args.task, resume)
     if step.trace is not None:
         step.trace.begin(checkpoint_step(resume) if resume else 0)
-    if not resume and step.args.router_pretrain_steps and step.plan.position > 0:
-        pretrain(step)
+    if step.args.router_pretrain_steps and step.plan.position > 0 and step.model.router is not None:
+        frozen = step.args.freeze_router_while_training
+        if not resume or frozen:  # a frozen router is not in the checkpoints: pretrained again (deterministic, seconds)
+            pretrain(step, record=not resume)
+        if frozen:
+            for name, param in step.model.trainable_parameters():
+                if name.startswith("router."):
+                    param.requires_grad_(False)
     stop = StopOnSignal(save=trainer.writes_checkpoints)
     trainer.add_callback(stop)
     try:
@@ -318,9 +324,9 @@ def train(step: TaskStep) -> dict:
     return train_result.metrics
 
 
-def pretrain(step: TaskStep) -> None:
+def pretrain(step: TaskStep, record: bool = True) -> None:
     """Router pretraining (sapt.training.router_pretraining) on this step's routing terms, before the task trains."""
-    if step.trace is not None:
+    if step.trace is not None and record:
         step.trace.record(0, 0.0, "before_pretraining")
     args, training_args = step.args, step.training_args
     terms = [term for term in step.trainer.regularizers if term.name in ("own_block", "arm")]

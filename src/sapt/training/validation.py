@@ -47,6 +47,8 @@ def _check_numbers(args) -> None:
             f"--router_pretrain_steps {args.router_pretrain_steps}: needs --own_block_weight > 0 (ARM alone sends "
             "every input to the oldest block; docs/router.md)"
         )
+    if args.freeze_router_while_training and not args.router_pretrain_steps:
+        raise UsageError("--freeze_router_while_training: needs --router_pretrain_steps > 0 (else the router never trains)")
     if not 0 <= args.arm_target_floor < 1:
         raise UsageError(f"--arm_target_floor {args.arm_target_floor!r}: expected a number in [0, 1)")
     for name in ("lora_alpha", "kl_ratio", "orthogonal_weight", "l2_weight", "own_block_weight"):
