@@ -209,3 +209,59 @@ def test_router_pretraining_is_deterministic():
     assert losses_a == losses_b
     for (name, a), (_, b) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_remedy_arguments_that_cannot_work_are_refused_in_one_line():
+    from sapt.training.task_args import SaptArguments
+    from sapt.training.validation import _check_numbers
+    from sapt.utils.cli import UsageError
+
+    def args(**kw):
+        return SaptArguments(model_name_or_path="m", task_order="a,b", task="b", **kw)
+
+    _check_numbers(args(own_block_weight=1.0, router_pretrain_steps=200, freeze_router_while_training=True))
+    for bad, message in (
+        (dict(router_pretrain_steps=200), "needs --own_block_weight"),
+        (dict(freeze_router_while_training=True), "needs --router_pretrain_steps"),
+        (dict(arm_target_floor=1.0), "arm_target_floor"),
+        (dict(arm_warmup_steps=-1), "arm_warmup_steps"),
+        (dict(own_block_weight=-1.0), "own_block_weight"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            _check_numbers(args(**bad))
+
+
+# ---- through sapt.train_task -----------------------------------------------------------------------
+def _two_tasks(tiny_models, outputs, *extra):
+    from conftest import BENCHMARK, GENERATED, SUPERNI_TASKS
+    from sapt.training.train_task import main
+
+    for position, task in enumerate(SUPERNI_TASKS[:2], 1):
+        argv = [
+            "--model_name_or_path", str(tiny_models["t5"]), "--data_dir", str(BENCHMARK), "--method", "sapt",
+            "--task_order", ",".join(SUPERNI_TASKS[:2]), "--task", task, "--output_dir", str(outputs / f"{position}-{task}"),
+            "--gen_data_dir", str(GENERATED / "lora_gen_superni_t5"), "--max_train_samples", "8",
+            "--max_eval_samples", "4", "--max_predict_samples", "4", "--per_device_train_batch_size", "4",
+            "--per_device_eval_batch_size", "4", "--num_train_epochs", "2", "--eval_every_epochs", "1",
+            "--max_source_length", "64", "--generation_max_length", "3", "--lora_r", "2", "--disable_tqdm", "true",
+            "--routing_trace_every", "1", "--routing_trace_inputs", "3", *extra,
+        ]
+        if position > 1:
+            argv += ["--previous_task_dir", str(outputs / f"1-{SUPERNI_TASKS[0]}")]
+        assert main(argv) == 0
+    return [json.loads(line) for line in (outputs / f"2-{SUPERNI_TASKS[1]}" / "routing_trace.jsonl").read_text().splitlines()]
+
+
+def test_pretrained_router_is_traced_and_frozen_while_the_block_trains(tiny_models, tmp_path):
+    remedies = ["--own_block_weight", "1", "--router_pretrain_steps", "40", "--learning_rate", "0.01"]
+    frozen = _two_tasks(tiny_models, tmp_path / "frozen", *remedies, "--freeze_router_while_training", "true")
+    assert [r["event"] for r in frozen[:2]] == ["before_pretraining", "start"]
+    assert [r["step"] for r in frozen if r["event"] == "step"] == [1, 2, 3, 4]
+    assert frozen[0]["tasks"] != frozen[1]["tasks"]  # pretraining moved the router
+    assert all(r["tasks"] == frozen[1]["tasks"] for r in frozen[2:])  # and nothing moved it afterwards
+    assert set(frozen[2]["losses"]) == {"ce", "own_block", "arm"}
+    trained = _two_tasks(tiny_models, tmp_path / "trained", *remedies)
+    assert trained[1]["tasks"] == frozen[1]["tasks"]  # the same pretraining: deterministic
+    assert trained[-1]["tasks"] != frozen[-1]["tasks"]  # unfrozen, the block's training moves the router
+    plain = _two_tasks(tiny_models, tmp_path / "plain")
+    assert plain[0]["event"] == "start" and plain[0]["tasks"] == frozen[0]["tasks"]
