@@ -131,6 +131,17 @@ def test_uniform_and_mean_routing_weights_and_resume(run, monkeypatch):
     assert evaluate.evaluate_run(run_dir, "mean") == mean
 
 
+def without_routing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != ROUTING_KEY}
+
+
+def same_routing(record: dict, expected: dict) -> bool:
+    """Equal routing weights up to float noise: a batch of other inputs (or another size) can change the
+    last bits of the batched products, never more."""
+    a, b = record[ROUTING_KEY], expected[ROUTING_KEY]
+    return len(a) == len(b) and all(abs(x - y) <= 1e-6 for x, y in zip(a, b))
+
+
 def test_older_folders_take_the_step_configs(run, tmp_path):
     run_dir, configs = run
     older = tmp_path / "older"
@@ -143,7 +154,8 @@ def test_older_folders_take_the_step_configs(run, tmp_path):
     results = json.loads((folder(written, 2) / "all_results.json").read_text())
     records = read_records(folder(written, 2), TASKS[1])
     stored = read_records(folder(run_dir / "outputs", 2), TASKS[1])
-    assert len(records) == 3 and records == stored[:3]
+    assert len(records) == 3 and [without_routing(r) for r in records] == [without_routing(r) for r in stored[:3]]
+    assert all(same_routing(r, s) for r, s in zip(records, stored))
     scores = compute_metrics([r["prediction"] for r in records], [r["target"] for r in records])
     assert results[f"predict_exact_match_for_{TASKS[1]}"] == scores["exact_match"]
 
@@ -215,4 +227,4 @@ def test_mixed_batches_give_the_per_task_predictions_and_routing(run, tiny_model
         task, i = origin[order[record["index"]]]
         expected = per_task[task][i]
         assert expected["index"] == i
-        assert (record["prediction"], record[ROUTING_KEY]) == (expected["prediction"], expected[ROUTING_KEY])
+        assert record["prediction"] == expected["prediction"] and same_routing(record, expected)
