@@ -1,4 +1,4 @@
-"""Importing the official release's saved_weights folders (SPEC 7), checked against SPEC 2.1 computed by hand."""
+"""Importing the official release's saved_weights folders (docs/interop.md), checked against the routing of docs/methods.md computed by hand."""
 
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def model_inputs(family: str) -> dict[str, torch.Tensor]:
 
 
 def reference_routing(backbone: nn.Module, run: OfficialRun, upto: int, input_ids: torch.Tensor) -> torch.Tensor:
-    """SPEC 2.1 by hand from the raw official tensors of task `upto`: (B, upto), newest first."""
+    """The routing (docs/methods.md) by hand from the raw official tensors of task `upto`: (B, upto), newest first."""
     task = run.tasks[upto - 1]
     qn = task.query_net
     e = backbone.get_input_embeddings()(input_ids).amax(dim=1)  # (B, d)

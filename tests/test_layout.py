@@ -1,4 +1,4 @@
-"""The package's layers (README, Layout): utils <- the method (src/sapt/) <- training <- experiments <- tools
+"""The package's layers (docs/development.md, Layout): utils <- the method (src/sapt/) <- training <- experiments <- tools
 <- the command entries. No module imports from a layer after its own, and no modules import each other in a
 cycle. Checked on the syntax tree of every module, lazy imports inside functions included."""
 

@@ -1,4 +1,4 @@
-"""No pickle (SPEC 6.9): no code of the project unpickles except the restricted unpickler of
+"""No pickle (docs/differences.md): no code of the project unpickles except the restricted unpickler of
 sapt/tools/safe_pickle.py, and every torch.load passes weights_only=True. Checked on the syntax tree of every
 .py file of the repository (package, scripts, benchmarks, top-level scripts; tests excluded)."""
 

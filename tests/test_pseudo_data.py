@@ -1,4 +1,4 @@
-"""Pseudo-data generation (SPEC 5): the generator learns, only its adapter trains, the backbone stays
+"""Pseudo-data generation (docs/data.md): the generator learns, only its adapter trains, the backbone stays
 as it was (the release froze its LoRA and trained nothing), and the written files are the benchmark's
 format, resumable and reproducible."""
 

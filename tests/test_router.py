@@ -1,4 +1,4 @@
-"""The router alone (SPEC 2.1): named temperatures, key initialisation, masked max-pooling and the
+"""The router alone (docs/methods.md): named temperatures, key initialisation, masked max-pooling and the
 scores s_j(x) = <k_j, q(x)> / tau, each against a computation written out here."""
 
 from __future__ import annotations

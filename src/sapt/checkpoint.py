@@ -5,7 +5,7 @@ A task folder (`outputs/<i>-<task>/`) holds:
     lineage.json          where each block lives, relative to this folder (block i is ".")
     block.safetensors     this task's block: "<module>.lora_A" (r, d_in), "<module>.lora_B" (d_out, r)
     router.safetensors    the query network after task i and the keys of tasks 1..i ("keys", oldest first)
-    routing_mean.json     mean routing weights over task i's dev inputs, newest block first (SPEC 2.2)
+    routing_mean.json     mean routing weights over task i's dev inputs, newest block first (docs/methods.md)
     predictions/<task>.jsonl  each test input's prediction (and, for SAPT, its routing weights)
 """
 
@@ -99,7 +99,7 @@ def save_routing_mean(task_dir: str | Path, tasks_oldest_first: list[str], mean_
 
 
 def load_routing_mean(task_dir: str | Path) -> list[float]:
-    """ā of a task, oldest block first (the file stores it newest first, as the SPEC writes it)."""
+    """ā of a task, oldest block first (the file stores it newest first, as the release did)."""
     path = Path(task_dir) / ROUTING_MEAN_FILE
     data = read_json(path, CheckpointError)
     raw = data.get("weights") if isinstance(data, dict) else None

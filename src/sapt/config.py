@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-# Which projections carry the task blocks, per backbone family (SPEC 2: q and v of every attention).
+# Which projections carry the task blocks, per backbone family (docs/methods.md: q and v of every attention).
 # Any decoder-only family whose attention names its projections q_proj/v_proj works with the default.
 TARGET_MODULES = {
     "t5": ["q", "v"],
@@ -41,7 +41,7 @@ def default_target_modules(model_type: str) -> list[str]:
 
 
 def release_temperature(attn_temperature: float, is_encoder_decoder: bool) -> str:
-    """Map the release's `attn_temperature` flag to a named temperature (SPEC 2.1).
+    """Map the release's `attn_temperature` flag to a named temperature (docs/methods.md, sapt).
 
     T5 scripts: 1 -> sqrt(d), anything else -> sqrt(2d). LLaMA scripts: 1 -> sqrt(d),
     2 -> sqrt(d/2), anything else -> 1.

@@ -55,7 +55,7 @@ class SaptModel(nn.Module):
     """Backbone + per-task LoRA blocks + router. `forward`/`generate` take the backbone's arguments."""
 
     # The backbone's loss is a plain per-batch mean (T5 ignores token counts); SaptTrainer rescales it
-    # and scales the ARM term alike (the release scaled only CE; SPEC 2.2).
+    # and scales the ARM term alike (the release scaled only CE; docs/differences.md).
     accepts_loss_kwargs = False
     main_input_name = "input_ids"
 

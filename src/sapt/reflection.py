@@ -1,4 +1,4 @@
-"""Attentive Reflection Module (SPEC 2.2): keep old tasks' pseudo inputs routed as they were.
+"""Attentive Reflection Module (docs/methods.md): keep old tasks' pseudo inputs routed as they were.
 
 For every earlier task i, a batch of its pseudo inputs goes through embeddings -> router only, and
     L_KL^i = KL(target_i || softmax(s(x)))

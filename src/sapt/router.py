@@ -1,4 +1,4 @@
-"""Shared Attentive Learning & Selection: one routing distribution per input (SPEC 2.1).
+"""Shared Attentive Learning & Selection: one routing distribution per input (docs/methods.md).
 
     e(x) = max over positions of E(x)
     q(x) = LayerNorm(SiLU(W_up W_down e(x)))

@@ -221,7 +221,7 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
                              "pipeline builds).")
     parser.add_argument("--run_name", default=None, help="Folder name under logs_and_outputs/ (default from method, order).")
     parser.add_argument("--order", default=settings["default_order"], choices=available,
-                        help="Task order (SPEC 4)" + ("; 1-3 are the standard 4-task benchmark" if settings["benchmark"] == "Long_Sequence" else ""))
+                        help="Task order (docs/reproducing.md)" + ("; 1-3 are the standard 4-task benchmark" if settings["benchmark"] == "Long_Sequence" else ""))
     parser.add_argument("--tasks", default=None, metavar="A,B,C",
                         help="Your own task order: task folders of --data_dir, comma-separated (instead of --order).")
     parser.add_argument("--method", default="sapt", choices=METHODS,

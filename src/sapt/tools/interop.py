@@ -1,4 +1,4 @@
-"""Import a run of the official SAPT release into this project's task folders (SPEC 7).
+"""Import a run of the official SAPT release into this project's task folders (docs/interop.md).
 
     python -m sapt.interop import-official --family t5 --backbone /models/t5-large \
         --saved-weights run/1-taskA/saved_weights run/2-taskB/saved_weights --out imported/

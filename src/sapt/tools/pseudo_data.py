@@ -1,4 +1,4 @@
-"""Generative replay data: a generator LoRA per task writes pseudo inputs for ARM (SPEC 5, 1.3).
+"""Generative replay data: a generator LoRA per task writes pseudo inputs for ARM (docs/data.md, pseudo samples).
 
 For each task a LoRA on the frozen backbone's attention q/v projections learns to map the fixed
 source ``__gen__`` to ``{Definition}__inp__{input}``; samples from it are split at ``__inp__`` and
@@ -11,7 +11,7 @@ source ``__gen__`` to ``{Definition}__inp__{input}``; samples from it are split 
 The marker tokens are added to the vocabulary. The embedding rows of those tokens (and the output
 rows, when the output layer is not tied to the embeddings) are trained through peft's
 ``trainable_token_indices``: only a small delta for the new ids learns, every backbone weight stays
-frozen. The release froze every ``lora_`` parameter and so trained nothing (SPEC 5); here the
+frozen. The release froze every ``lora_`` parameter and so trained nothing (docs/differences.md); here the
 trainable parameters are chosen by peft's wrapping and checked by the tests.
 """
 
@@ -235,7 +235,7 @@ def generate_pseudo_samples(
 
 
 def pseudo_task_json(task: str, pairs: list[tuple[str, str]], real_definition: str) -> dict:
-    """Benchmark-format JSON (SPEC 1.3): the most common generated definition, empty outputs."""
+    """Benchmark-format JSON (docs/data.md): the most common generated definition, empty outputs."""
     definitions = Counter(d for d, _ in pairs if d)
     definition = definitions.most_common(1)[0][0] if definitions else real_definition
     return {
@@ -320,7 +320,7 @@ def generate_for_task(
 def build_parser() -> OneLineArgumentParser:
     defaults = GeneratorSettings()
     parser = OneLineArgumentParser(prog="generate_pseudo_data",
-                                   description="Train a generator LoRA per task and write pseudo samples (SPEC 5).")
+                                   description="Train a generator LoRA per task and write pseudo samples (docs/data.md).")
     parser.add_argument("--model_name_or_path", required=True, help="backbone folder or hub name")
     parser.add_argument("--data_dir", default="CL_Benchmark", help="root holding SuperNI/ and Long_Sequence/")
     parser.add_argument("--tasks", required=True, help="comma-separated task names")

@@ -1,4 +1,4 @@
-"""Read a pickled numpy array without letting the pickle run code (SPEC 6.9).
+"""Read a pickled numpy array without letting the pickle run code (docs/differences.md).
 
 The release stores the mean routing weights with `pickle.dump`. Unpickling may call any importable
 function a file names, so this loader resolves only the handful of globals a plain numeric array needs

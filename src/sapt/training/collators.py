@@ -1,4 +1,4 @@
-"""Batching for training (teacher forcing) and for generation, per backbone family (SPEC 1.2).
+"""Batching for training (teacher forcing) and for generation, per backbone family (docs/data.md, prompts).
 
 Examples are dicts with `source` (prompt text), `target` (label text) and `index`; tokenization
 happens here so the prompt and the label are always tokenized the same way in training and in

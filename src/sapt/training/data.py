@@ -1,4 +1,4 @@
-"""The continual-learning benchmark as `datasets.Dataset` objects, with the release's prompts (SPEC 1).
+"""The continual-learning benchmark as `datasets.Dataset` objects, with the release's prompts (docs/data.md).
 
 Each example has the columns `task`, `source` (the full prompt), `target` (the label text) and
 `index` (position in its split, used to match generations back to references).
@@ -142,13 +142,13 @@ def load_split(
 
 
 def load_pseudo_split(gen_data_dir: str | Path, task: str, seed: int = 42) -> Dataset:
-    """Pseudo samples of an earlier task (SPEC 1.3): only the prompts matter, outputs are empty."""
+    """Pseudo samples of an earlier task (docs/data.md, pseudo samples): only the prompts matter, outputs are empty."""
     return load_split(gen_data_dir, task, PSEUDO_SPLIT, seed=seed, require_outputs=False)
 
 
 def carve_dev(train: Dataset, fraction: float = 0.1, seed: int = 42, min_size: int = 1) -> tuple[Dataset, Dataset]:
     """Clean protocol: hold out part of train (seeded) for model selection, since the released
-    dev files equal the test files (SPEC 6.1)."""
+    dev files equal the test files (docs/reproducing.md, protocols)."""
     size = max(min_size, int(round(len(train) * fraction)))
     if size >= len(train):
         raise DataError(f"train split of {train[0]['task']!r} is too small to carve a dev split from")

@@ -1,4 +1,4 @@
-"""Per-task metrics with SuperNI's conventions (SPEC 3): exact match and ROUGE-L F, both x100."""
+"""Per-task metrics with SuperNI's conventions (docs/metrics.md): exact match and ROUGE-L F, both x100."""
 
 from __future__ import annotations
 

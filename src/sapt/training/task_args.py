@@ -19,7 +19,7 @@ from pathlib import Path
 from ..config import METHODS
 from ..utils.cli import UsageError, first_line
 
-# The release's training settings that differ from the Trainer's defaults (SPEC 4).
+# The release's training settings that differ from the Trainer's defaults (docs/reproducing.md, hyper-parameters).
 RELEASE_DEFAULTS = {
     "lr_scheduler_type": "constant",
     "warmup_steps": 0,

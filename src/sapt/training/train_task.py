@@ -1,4 +1,4 @@
-"""Train and evaluate one task of a continual-learning sequence (SPEC 2.3).
+"""Train and evaluate one task of a continual-learning sequence (docs/methods.md).
 
 First task of an order, then the next one on top of it:
 
