@@ -153,10 +153,10 @@ def pipeline_environment() -> dict:
 def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     """Write the method's pipeline with the generator and run it; returns the wall time in seconds."""
     run_name = f"cl_real_{method}"
-    method, defaults, forced = VARIANTS.get(method, (method, {}, {}))
+    generator_method, defaults, forced = VARIANTS.get(method, (method, {}, {}))
     settings = {**defaults, **settings, **forced}
     generator_args = [
-        "--quick", "--method", method, "--tasks", ",".join(args.tasks), "--run_name", run_name,
+        "--quick", "--method", generator_method, "--tasks", ",".join(args.tasks), "--run_name", run_name,
         "--model_name_or_path", absolute(args.model_name_or_path), "--data_dir", absolute(args.data_dir),
         "--gen_data_root", absolute(args.gen_data_root), "--seed", str(args.seed),
         "--workdir", str(workdir), "--output", str(workdir / "pipelines" / f"{run_name}.sh"),
