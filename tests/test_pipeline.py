@@ -277,7 +277,7 @@ RUN=sapt_long_llama_tasks_quick
 CONFIGS={tmp_path}/p
 
 # One pipeline per run: the rest runs holding the run's lock, or stops here naming its holder.
-if [ "${{1:-}}" != --locked ]; then exec python -m sapt.run_lock logs_and_outputs/sapt_long_llama_tasks_quick/outputs/run.lock -- bash {tmp_path}/p.sh --locked; fi
+if [ "${{1:-}}" != --locked ]; then exec "$PYTHON" -m sapt.run_lock logs_and_outputs/sapt_long_llama_tasks_quick/outputs/run.lock -- bash {tmp_path}/p.sh --locked; fi
 
 STEPS=(1-c_task 2-a_task)
 for STEP in "${{STEPS[@]}}"; do
