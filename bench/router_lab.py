@@ -38,6 +38,7 @@ from sapt.own_block import own_block_loss  # noqa: E402
 from sapt.reflection import AttentiveReflection, mean_routing  # noqa: E402
 from sapt.training.collators import Collator  # noqa: E402
 from sapt.training.data import load_pseudo_split, load_split  # noqa: E402
+from sapt.training.router_pretraining import prompt_batches  # noqa: E402
 from sapt.training.routing_trace import routing_summary  # noqa: E402
 from sapt.training.trainer import StepPosition  # noqa: E402
 
@@ -64,17 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", default=None, help="append the result as one JSON line here")
     return parser.parse_args(argv)
-
-
-def batches(dataset, collator, batch_size: int, steps: int, seed: int):
-    """`steps` batches drawn in epochs of a seeded shuffle, as a Trainer would."""
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(dataset), generator=generator).tolist()
-        rows, order = order[:batch_size], order[batch_size:]
-        yield collator([dataset[i] for i in rows])
 
 
 def run(args) -> dict:
@@ -105,7 +95,7 @@ def run(args) -> dict:
             )
             optimizer = (torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0) if args.optimizer == "adamw"
                          else torch.optim.SGD(params, lr=args.learning_rate))
-            for step, batch in enumerate(batches(train[task], prompts, args.batch_size, args.steps, args.seed + position)):
+            for step, batch in enumerate(prompt_batches(train[task], prompts, args.batch_size, args.steps, args.seed + position)):
                 loss = torch.zeros(())
                 if args.own_block_weight:
                     loss = loss + args.own_block_weight * own_block_loss(model, batch)

@@ -23,7 +23,7 @@ def lock_command(lock, *command, env=None):
                           capture_output=True, text=True, timeout=60, env=env)
 
 
-def wait_for(condition, what, seconds=300):
+def wait_for(condition, what, seconds=600):  # a loaded 2-core machine trains a quick task in minutes
     deadline = time.time() + seconds
     while not condition():
         assert time.time() < deadline, f"timed out waiting for {what}"

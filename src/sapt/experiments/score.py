@@ -26,7 +26,6 @@ Any error is one line ``score.py: error: ...`` on stderr with exit code 2, and n
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -70,7 +69,7 @@ from .cl_metrics import (
     summarize,
 )
 from .routing_analysis import NOT_STORED, evaluation_name, read_evaluation_record, routing_accuracy, routing_description
-from .trace_report import final_own_weights, format_trace_table, read_run_traces, render_trace
+from .trace_report import final_own_weights, format_trace_table, png_bytes, read_run_traces, render_trace
 
 # The documented name; `python -m sapt.score` reports errors under it too.
 PROG = "score.py"
@@ -241,10 +240,7 @@ def render_heatmap(data: np.ndarray, rows: list[str], cols: list[str], title: st
                     text = f"{value:.2f}"
                     colour = "black" if value > 0.6 * vmax else "white"
                     ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        return buf.getvalue()
+        return png_bytes(fig)
     finally:
         plt.close(fig)
 

@@ -17,6 +17,14 @@ from ..run_files import ROUTING_TRACE_FILE, task_dir_name
 from ..utils.fileio import read_jsonl_prefix as read_trace
 
 
+def png_bytes(fig) -> bytes:
+    """A finished figure as PNG bytes, rendered in memory (a failure leaves no file behind)."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    return buf.getvalue()
+
+
 def read_run_traces(outputs: Path, tasks: list[str]) -> list[list[dict]] | None:
     """The trace records of each task folder, in order (None when the run has no trace at all)."""
     traces = []
@@ -75,9 +83,6 @@ def render_trace(traces: list[list[dict]], tasks: list[str], title: str) -> byte
         ax.set_ylabel("mean weight on its own block")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, ncol=max(1, len(tasks) // 8 + 1))
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=120)
-        return buf.getvalue()
+        return png_bytes(fig)
     finally:
         plt.close(fig)
