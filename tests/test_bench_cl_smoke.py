@@ -14,6 +14,7 @@ SCRIPT = REPO_ROOT / "bench" / "cl_behaviour.py"
 METHODS = ("sapt", "seq_lora", "o_lora")
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "cl.json"
     proc = subprocess.run(

@@ -25,6 +25,7 @@ def load_speed():
     return module
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
     out = tmp_path / "speed.json"
     proc = subprocess.run([sys.executable, str(SPEED), "--smoke", "--json", str(out)], cwd=REPO_ROOT,

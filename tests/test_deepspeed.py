@@ -14,6 +14,8 @@ import pytest
 from conftest import BENCHMARK, REPO_ROOT
 from launch import TASKS, assert_same_task, run_task, torchrun
 
+pytestmark = pytest.mark.slow  # every test here runs a pipeline, a training process or several
+
 if importlib.util.find_spec("deepspeed") is None:
     if os.environ.get("CI"):
         raise RuntimeError("CI must test DeepSpeed: pip install -r requirements-deepspeed.txt")

@@ -28,12 +28,14 @@ def test_the_runs_read_several_distinct_prompts_per_set(model):
     assert all(count >= 2 for count in counts.values()), counts
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_first_task(model, first_task, tmp_path):
     two, _ = run_task(torchrun(2, 29531), model, "t5", tmp_path / "two", 1, GLOBAL_BATCH // 2)
     assert_same_task(two, first_task)
     assert not list((tmp_path / "two").rglob("*.tmp"))  # only rank 0 writes; nothing left half-written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw_torch"])
 def test_one_step_is_the_same_however_the_global_batch_is_split(model, first_task, tmp_path, optimizer):
     """Task 2 (router, ARM on task 1's pseudo rows): 1 × 8, 2 processes × 4, and 1 × 4 with 2 accumulation
@@ -50,6 +52,7 @@ def test_one_step_is_the_same_however_the_global_batch_is_split(model, first_tas
     assert_same_task(task2("accumulated", [sys.executable], GLOBAL_BATCH // 2, accumulation=2), whole)
 
 
+@pytest.mark.slow
 def test_accelerate_launch_works_the_same_way(model, first_task, tmp_path):
     accelerate = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

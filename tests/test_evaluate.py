@@ -64,6 +64,7 @@ def folder(outputs, position):
     return outputs / f"{position}-{TASKS[position - 1]}"
 
 
+@pytest.mark.slow
 def test_learned_routing_reproduces_the_stored_results(run):
     run_dir, _ = run
     written = evaluate.evaluate_run(run_dir, "learned")

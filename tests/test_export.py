@@ -231,6 +231,7 @@ def test_a_method_without_routing_is_refused(tmp_path, capsys):
     assert len(err) == 1 and "method 'o_lora'" in err[0] and str(task_dir / "sapt_config.json") in err[0]
 
 
+@pytest.mark.slow
 def test_non_empty_out_is_refused_by_the_command(tmp_path):
     outputs = write_run("llama", tmp_path / "run" / "outputs")
     out = tmp_path / "out"

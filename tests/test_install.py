@@ -80,6 +80,7 @@ def inside(path: str | Path, folder: Path) -> bool:
     return Path(path).resolve().is_relative_to(folder.resolve())
 
 
+@pytest.mark.slow
 def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed, tmp_path):
     python, purelib = installed
     env = venv_env(python.parent.parent, activated=False)  # called by its path, as `venv/bin/python gen_script...`
@@ -146,6 +147,7 @@ def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed,
     assert files_under(purelib) == site_before  # nor in the installed package
 
 
+@pytest.mark.slow
 def test_pseudo_data_entry_point_runs_from_the_install(installed, tmp_path):
     """The module a regenerating pipeline calls (`python -m sapt.pseudo_data`) answers from the install."""
     python, _ = installed

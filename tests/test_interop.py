@@ -205,6 +205,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 # ---- the import reproduces the release's forward ------------------------------------------------
+@pytest.mark.slow
 def test_import_matches_spec_reference(make_run, family, tmp_path):
     run = make_run(family)
     out = interop.import_official(family, run.backbone_dir, run.dirs, tmp_path / "out", lora_alpha=ALPHA)
@@ -398,6 +399,7 @@ def test_refuses_non_empty_output(make_run, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_cli_error_exit_code_and_one_line(make_run, tmp_path):
     run = make_run("t5")
     missing = run.dirs[0] / "lora_weights_B.pt"

@@ -152,6 +152,7 @@ def run_method(tiny_models, outputs, method, positions=(1, 2)):
         assert main(argv) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sapt", "o_lora", "seq_lora", "replay", "single"])
 def test_every_method_runs_two_quick_tasks(tiny_models, tmp_path, method):
     outputs = tmp_path / "outputs"

@@ -105,6 +105,7 @@ def run_pipeline(script, cwd):
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["superni_t5", "long_llama"])
 def test_quick_pipeline_runs_end_to_end_and_continues_after_a_stop(tmp_path, preset):
     script = quick_pipeline(tmp_path, preset)
@@ -133,6 +134,7 @@ def test_quick_pipeline_runs_end_to_end_and_continues_after_a_stop(tmp_path, pre
     assert all((outputs / s / "task_complete.json").is_file() for s in steps)
 
 
+@pytest.mark.slow
 def test_quick_pipeline_runs_its_writers_python_whatever_is_on_path(tmp_path):
     """A virtual environment that is not activated: the pipeline is run with a PATH that lacks the
     interpreter's folder and whose `python` fails. It builds its tiny model, trains, and scores all the same."""
@@ -352,6 +354,7 @@ scores = {"predict_exact_match_for_" + t: 50.0 + config["seed"] * (j + 1) - 10.0
 """
 
 
+@pytest.mark.slow
 def test_seeds_pipeline_continues_after_a_stop_and_aggregates(tmp_path, capsys):
     """Task steps replaced by a stand-in that writes results: the pipeline's own control flow, resume, scoring."""
     script = generate_in_process("long_llama", *own_order_args(tmp_path, "--seeds", "3,1"), capsys=capsys)

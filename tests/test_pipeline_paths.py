@@ -22,6 +22,8 @@ from sapt.experiments.pipeline import main as pipeline_main
 from sapt.tools.synthetic import SYNTHETIC_ORDERS
 from sapt.training.train_task import main as train_task_main
 
+pytestmark = pytest.mark.slow  # every test here runs a pipeline, a training process or several
+
 # The first two tasks of the quick long_t5 pipeline (order 4 of the release, or the synthetic order).
 LONG_TASKS = ["mnli", "cb"] if RELEASE_FOUND else SYNTHETIC_ORDERS["Long_Sequence"][:2]
 SMALL = ["num_train_epochs=1", "max_train_samples=16", "max_eval_samples=4", "max_predict_samples=4"]

@@ -100,6 +100,7 @@ def _train_and_check(path: str, steps: int) -> tuple:
     return model, tokenizer, settings, trainable, (first, last)
 
 
+@pytest.mark.slow
 def test_t5_generator_learns_and_only_the_adapter_trains(tiny_dirs):
     model, tokenizer, settings, trainable, (first, last) = _train_and_check(tiny_dirs["t5"], steps=120)
     lora = [n for n in trainable if "lora_" in n]
@@ -121,6 +122,7 @@ def test_llama_generator_learns_with_trainable_output_rows(tiny_dirs):
     assert all(".q_proj." in n or ".v_proj." in n for n in trainable if "lora_" in n)
 
 
+@pytest.mark.slow
 def test_generate_for_task_writes_resumes_and_is_seeded(tiny_dirs, tmp_path):
     settings = GeneratorSettings(steps=40, seed=7, **FAST)
     runs = []
@@ -172,6 +174,7 @@ def test_split_sample(text, expected):
     assert split_sample(text) == expected
 
 
+@pytest.mark.slow
 def test_cli_unknown_task_is_one_line_exit_2(tmp_path):
     (tmp_path / "data" / "SuperNI").mkdir(parents=True)
     result = subprocess.run(

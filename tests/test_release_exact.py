@@ -541,6 +541,7 @@ def test_switches_follow_the_family_and_can_be_taken_one_by_one():
 
 
 # ---- one release-exact run, read as the release's score.py reads it -----------------------------------
+@pytest.mark.slow
 def test_release_exact_run_from_the_command_line(tiny_models, tmp_path):
     outputs = tmp_path / "logs_and_outputs" / "run" / "outputs"
     common = [

@@ -52,6 +52,7 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_killed_pipeline_continues_and_ends_as_an_uninterrupted_run(uninterrupted, tmp_path):
     script = write_pipeline(tmp_path)
     process = subprocess.Popen(["bash", str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -107,6 +108,7 @@ def run_state(workdir: Path) -> dict:
             if p.is_file() and p.name != "train_results.json"}
 
 
+@pytest.mark.slow
 def test_killed_at_every_kind_of_point_ends_as_an_uninterrupted_run(uninterrupted, tmp_path):
     script = write_pipeline(tmp_path)
     path = [str(KILL_SWITCH)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -119,6 +121,7 @@ def test_killed_at_every_kind_of_point_ends_as_an_uninterrupted_run(uninterrupte
     assert run_state(tmp_path) == run_state(uninterrupted)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_path):
     task = SUPERNI_TASKS[0]
     out = tmp_path / f"1-{task}"

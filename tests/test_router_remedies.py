@@ -252,6 +252,7 @@ def _two_tasks(tiny_models, outputs, *extra):
     return [json.loads(line) for line in (outputs / f"2-{SUPERNI_TASKS[1]}" / "routing_trace.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pretrained_router_is_traced_and_frozen_while_the_block_trains(tiny_models, tmp_path):
     remedies = ["--own_block_weight", "1", "--router_pretrain_steps", "40", "--learning_rate", "0.01"]
     frozen = _two_tasks(tiny_models, tmp_path / "frozen", *remedies, "--freeze_router_while_training", "true")

@@ -71,6 +71,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, 
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_the_children_of_a_holder_killed_alone_keep_the_run_locked_until_they_end(tmp_path):
     lock = tmp_path / "run.lock"
     holder = subprocess.Popen([sys.executable, "-m", "sapt.run_lock", str(lock), "--", "sleep", "600"],
@@ -93,6 +94,7 @@ def test_the_children_of_a_holder_killed_alone_keep_the_run_locked_until_they_en
     assert f"taking over the lock left by pid {holder.pid}" in waiting.stderr.read()
 
 
+@pytest.mark.slow
 def test_a_lone_task_step_on_a_run_in_use_is_refused(tiny_models, tmp_path):
     task = SUPERNI_TASKS[0]
     outputs = tmp_path / "outputs"
@@ -106,6 +108,7 @@ def test_a_lone_task_step_on_a_run_in_use_is_refused(tiny_models, tmp_path):
     assert not (outputs / f"1-{task}").exists()
 
 
+@pytest.mark.slow
 def test_a_second_pipeline_is_refused_while_the_first_runs_its_steps(tmp_path):
     script = tmp_path / "quick.sh"
     assert pipeline_main("superni_t5", [

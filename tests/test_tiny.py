@@ -179,6 +179,7 @@ def test_builtin_corpus_fallback(tmp_path, caplog):
     assert tokenizer.decode(tokenizer(TEXT)["input_ids"], skip_special_tokens=True) == TEXT
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     out = tmp_path / "cli"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -205,6 +206,7 @@ def test_no_pretraining_by_default(tmp_path):
     assert "pretraining" not in settings  # default builds keep the settings (and directories) they had
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_heldout_loss_and_is_deterministic(tmp_path, family):
     plain = _small(family, tmp_path / "plain")
     a = _small(family, tmp_path / "a", pretrain_steps=40)
@@ -222,6 +224,7 @@ def test_pretraining_lowers_heldout_loss_and_is_deterministic(tmp_path, family):
     assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
 
 
+@pytest.mark.slow
 def test_truncated_benchmark_file_is_a_one_line_error_and_writes_nothing(tmp_path):
     task = tmp_path / "bench" / "Long_Sequence" / "t1"
     task.mkdir(parents=True)

@@ -37,6 +37,7 @@ def train_task(model_dir, outputs, position, family, extra=()):
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_two_task_run_writes_every_file_and_key(tiny_models, tmp_path, family):
     outputs = tmp_path / "logs_and_outputs" / "run" / "outputs"
@@ -70,6 +71,7 @@ def test_two_task_run_writes_every_file_and_key(tiny_models, tmp_path, family):
     assert torch.equal(first.router.keys()[0], second.router.keys()[0])
 
 
+@pytest.mark.slow
 def test_user_mistakes_get_one_line_and_exit_2(tiny_models, tmp_path):
     outputs = tmp_path / "outputs"
     second = train_task(tiny_models["t5"], outputs, 2, "t5")  # no first task trained

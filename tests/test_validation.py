@@ -352,6 +352,7 @@ def test_generator_arguments(capsys, tmp_path, argv, fragments):
 
 
 # ---- the real entry points, in a subprocess -------------------------------------------------------
+@pytest.mark.slow
 def test_subprocess_train_task_one_line_no_traceback(case):
     (case.previous / "lineage.json").write_text('"not an object"')
     done = subprocess.run(

@@ -143,6 +143,7 @@ def assert_nothing_half_written(folder: Path) -> None:
             json.loads(path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_a_full_disk_stops_the_step_in_one_line_and_the_same_command_resumes(
         fault, tiny_models, uninterrupted, tmp_path, monkeypatch, capsys):
