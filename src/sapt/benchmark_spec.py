@@ -147,7 +147,8 @@ def benchmark_folders(data_dir: str | Path) -> list[tuple[Benchmark, Path]]:
     """(spec, folder) of each benchmark folder under a data root: the shipped ones first, in their order, then
     those with their own spec, by name; and the root itself when it is a benchmark folder."""
     data_dir = Path(data_dir)
-    found = [(spec, data_dir / name) for name, spec in shipped_benchmarks().items() if (data_dir / name).is_dir()]
+    shipped = [data_dir / name for name in shipped_benchmarks() if (data_dir / name).is_dir()]
+    found = [(folder_spec(folder), folder) for folder in shipped]  # a stray benchmark.json there is an error
     if data_dir.is_dir():
         own = sorted(p for p in data_dir.iterdir() if p.name not in shipped_benchmarks() and (p / SPEC_FILE).is_file())
         found += [(folder_spec(folder), folder) for folder in own]
