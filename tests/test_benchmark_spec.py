@@ -211,3 +211,24 @@ def test_a_task_step_on_a_benchmark_of_ones_own_selects_and_is_scored_by_its_met
     results = json.loads((outputs / "1-alpha_qa" / "all_results.json").read_text())
     assert "best_eval_rougeL" in results and "best_eval_exact_match" not in results
     assert read_run(outputs)[2] == "rougeL"
+
+
+def test_pseudo_samples_of_a_benchmark_of_ones_own_carry_its_spec(mybench, tmp_path, monkeypatch):
+    """The generator stubbed (its learning is tests/test_pseudo_data.py's): what generate_for_task writes for
+    MyBench is found by the pseudo-data loader and prompted with MyBench's template."""
+    from types import SimpleNamespace
+
+    from sapt.tools import pseudo_data
+    from sapt.training.data import load_pseudo_split
+
+    stub = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True), to=lambda device: None)
+    monkeypatch.setattr(pseudo_data, "load_backbone", lambda *args, **kwargs: stub)
+    monkeypatch.setattr(pseudo_data, "load_tokenizer", lambda *args: None)
+    monkeypatch.setattr(pseudo_data, "build_generator", lambda *args: stub)
+    monkeypatch.setattr(pseudo_data, "train_generator", lambda *args: [])
+    monkeypatch.setattr(pseudo_data, "generate_pseudo_samples", lambda *args: [("Answer it.", "a made-up question")])
+    gen = tmp_path / "gen"
+    folder = pseudo_data.generate_for_task("unused", mybench, "alpha_qa", gen, pseudo_data.GeneratorSettings())
+    assert folder == gen / "MyBench" / "alpha_qa"
+    assert (gen / "MyBench" / SPEC_FILE).read_bytes() == (mybench / "MyBench" / SPEC_FILE).read_bytes()
+    assert load_pseudo_split(gen, "alpha_qa")["source"] == ["Task: Answer it.\nQuestion: a made-up question\nAnswer: "]
