@@ -15,7 +15,7 @@ from sapt.experiments.cl_metrics import (
     backward_transfer,
     forgetting_rate,
     forward_transfer,
-    metric_for_task,
+    task_metrics,
     read_run,
     read_single_run,
     summarize,
@@ -126,13 +126,17 @@ def test_bad_matrices_rejected():
         forward_transfer(HAND, [1.0, 2.0])
 
 
-def test_metric_choice():
-    assert metric_for_task("task363_sst2_polarity_classification") == "rougeL"
-    assert metric_for_task("dbpedia") == "exact_match"
-    assert metric_for_task("task_without_number") == "exact_match"
-    assert metric_for_task("dbpedia", "rougeL") == "rougeL"
-    with pytest.raises(ValueError):
-        metric_for_task("dbpedia", "bleu")
+def test_metric_choice_of_a_run_that_records_no_data_folder(tmp_path):
+    # The release's layout (no task_args.json): each task by the first shipped benchmark whose names it fits.
+    outputs = tmp_path / "o"
+    outputs.mkdir()
+    names = ["task363_sst2_polarity_classification", "dbpedia", "task_without_number"]
+    assert task_metrics(outputs, names) == dict(zip(names, ["rougeL", "exact_match", "exact_match"]))
+    assert task_metrics(outputs, ["dbpedia"], "rougeL") == {"dbpedia": "rougeL"}
+    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+        task_metrics(outputs, ["dbpedia"], "bleu")
+    with pytest.raises(ScoreError, match="cannot tell the benchmark of task 'Alpha-QA'.*pass --metric"):
+        task_metrics(outputs, ["Alpha-QA"])
 
 
 # ----------------------------------------------------------------------------------------------------

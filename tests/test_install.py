@@ -95,6 +95,8 @@ def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed,
     assert shipped == {name: (REPO_ROOT / "configs" / name).read_bytes() for name in shipped}
     manifest = Path("src/sapt/tools/manifest.json")  # the release's hashes, read by `make data`
     assert (purelib / "sapt" / "tools" / "manifest.json").read_bytes() == (REPO_ROOT / manifest).read_bytes()
+    specs = Path("src/sapt/benchmarks.json")  # the benchmark specs, read by data loading and scoring
+    assert (purelib / "sapt" / "benchmarks.json").read_bytes() == (REPO_ROOT / specs).read_bytes()
 
     repo_before, site_before = files_under(REPO_ROOT), files_under(purelib)
     work = tmp_path / "work"  # an empty folder elsewhere: no --workdir, no --output

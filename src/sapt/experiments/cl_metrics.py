@@ -3,7 +3,8 @@
 The matrix convention is 0-based here and 1-based in the definitions: ``matrix[i][j]`` is the score on
 task ``j`` after training task ``i``; only entries with ``j <= i`` are used (tasks not yet seen are
 NaN or absent). The metric functions are pure; ``read_run`` turns a run's ``outputs/`` folder
-(``task_order.txt`` plus one ``<i>-<task>/all_results.json`` per trained task) into such a matrix.
+(``task_order.txt`` plus one ``<i>-<task>/all_results.json`` per trained task) into such a matrix, each
+task scored by its benchmark's metric (``task_metrics``, from the benchmark specs of sapt.benchmark_spec).
 """
 
 from __future__ import annotations
@@ -17,18 +18,17 @@ from typing import Sequence
 
 import numpy as np
 
-from ..run_files import RESULT_KEY_PREFIX, RESULTS_FILE, TASK_DIR_PATTERN, TASK_ORDER_FILE
+from ..benchmark_spec import METRICS as BENCHMARK_METRICS
+from ..benchmark_spec import Benchmark, BenchmarkError, benchmark_by_task_name, locate_task, shipped_benchmarks
+from ..run_files import RESULT_KEY_PREFIX, RESULTS_FILE, TASK_ARGS_FILE, TASK_DIR_PATTERN, TASK_ORDER_FILE
 
 logger = logging.getLogger(__name__)
 
 # The release subtracts this constant in its FWT instead of single-task scores ("debugging value").
 RELEASE_FWT_CONSTANT = 50.94
 
-METRICS = ("auto", "rougeL", "exact_match")
+METRICS = ("auto", *BENCHMARK_METRICS)  # auto: each task's benchmark's metric
 KEY_PREFIX = RESULT_KEY_PREFIX
-
-# SuperNI task names look like "task363_sst2_polarity_classification"; everything else is Long Sequence.
-_SUPERNI_RE = re.compile(r"^task\d+_")
 
 
 class ScoreError(ValueError):
@@ -143,21 +143,59 @@ def summarize(matrix, single: Sequence[float] | None = None) -> dict:
 # Reading result folders
 
 
-def is_superni_task(task: str) -> bool:
-    return bool(_SUPERNI_RE.match(task))
-
-
-def metric_for_task(task: str, metric: str = "auto") -> str:
-    """ROUGE-L for SuperNI tasks, exact match for Long Sequence tasks, unless overridden."""
+def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+
+
+def task_metrics(run_outputs_dir: str | Path, tasks: Sequence[str], metric: str = "auto") -> dict[str, str]:
+    """The metric scoring each task of a run: `metric`, or for "auto" the metric of the task's benchmark.
+
+    A task's benchmark is the one whose folder holds it in a data folder the run's task steps recorded
+    (``data_dir`` of their task_args.json: absolute, or relative to where the pipeline ran, which is
+    where it runs score.py); for a run that records none (the release's layout) or whose data is not
+    there, the first shipped benchmark whose task names it fits.
+    """
+    check_metric(metric)
     if metric != "auto":
-        return metric
-    return "rougeL" if is_superni_task(task) else "exact_match"
+        return {task: metric for task in tasks}
+    outputs = Path(run_outputs_dir)
+    folders = [entry for entry in sorted(outputs.iterdir()) if TASK_DIR_PATTERN.match(entry.name) and entry.is_dir()]
+    data_dirs = _recorded_data_dirs(folders)
+    return {task: _benchmark_of(task, data_dirs, outputs).metric for task in tasks}
 
 
-def _metric_name(tasks: Sequence[str], metric: str) -> str:
-    used = {metric_for_task(t, metric) for t in tasks}
+def _recorded_data_dirs(folders: Sequence[Path]) -> list[Path]:
+    data_dirs: list[Path] = []
+    for folder in folders:
+        path = folder / TASK_ARGS_FILE
+        data_dir = _load_results(path).get("data_dir") if path.is_file() else None
+        if isinstance(data_dir, str) and data_dir and Path(data_dir) not in data_dirs:
+            data_dirs.append(Path(data_dir))
+    return data_dirs
+
+
+def _benchmark_of(task: str, data_dirs: Sequence[Path], outputs: Path) -> Benchmark:
+    try:
+        for data_dir in data_dirs:
+            found = locate_task(data_dir, task)
+            if found is not None:
+                return found[0]
+    except BenchmarkError as err:
+        raise ScoreError(str(err)) from None
+    spec = benchmark_by_task_name(task)
+    if spec is None:
+        looks = ", ".join(f"{s.name} like {s.task_name_example!r}" for s in shipped_benchmarks().values())
+        raise ScoreError(
+            f"{outputs}: cannot tell the benchmark of task {task!r}: no {TASK_ARGS_FILE} there names a data folder "
+            f"holding it and the name fits no shipped benchmark's ({looks}); run score.py where the run's data_dir "
+            "is, or pass --metric"
+        )
+    return spec
+
+
+def _metric_name(metrics: dict[str, str]) -> str:
+    used = set(metrics.values())
     return used.pop() if len(used) == 1 else "mixed"
 
 
@@ -215,7 +253,8 @@ def _load_results(path: Path) -> dict:
 
 
 def _score(data: dict, path: Path, task: str, metric: str, context: str) -> float:
-    key = KEY_PREFIX[metric_for_task(task, metric)] + task
+    """The score of `task` by `metric` (already resolved, never "auto") in a results file."""
+    key = KEY_PREFIX[metric] + task
     if key not in data:
         raise ScoreError(f"{path}: missing key {key!r} ({context})")
     value = data[key]
@@ -259,7 +298,7 @@ def read_run(
     or gapped run gives a warning (logged, or appended to ``warnings_out`` if given).
     ``metric_name`` is "rougeL", "exact_match" or "mixed" (auto picked different ones per task).
     """
-    metric_for_task("", metric)  # validate the flag before touching the disk
+    check_metric(metric)  # validate the flag before touching the disk
     outputs = _resolve_outputs(run_outputs_dir)
     order = read_task_order(outputs)
     folders = _task_folders(outputs, order)
@@ -272,11 +311,12 @@ def read_run(
         # Joint training (mtl) writes only the last folder, scored on every task: one row.
         path = folders[final] / RESULTS_FILE
         data = _load_results(path)
+        metrics = task_metrics(outputs, order, metric)
         matrix = np.full((final, final), np.nan)
         for j, task in enumerate(order):
-            matrix[final - 1, j] = _score(data, path, task, metric, f"task {j + 1} after joint training")
+            matrix[final - 1, j] = _score(data, path, task, metrics[task], f"task {j + 1} after joint training")
         _warn(f"{outputs}: joint-training run (only the final folder): AP only", warnings_out)
-        return list(order), matrix, _metric_name(order, metric)
+        return list(order), matrix, _metric_name(metrics)
     if done == 0:
         raise ScoreError(f"{outputs}: no results for the first task (1-{order[0]}/{RESULTS_FILE})")
     if done < len(order):
@@ -289,14 +329,16 @@ def read_run(
         )
 
     tasks = order[:done]
+    metrics = task_metrics(outputs, tasks, metric)
     matrix = np.full((done, done), np.nan)
     for i in range(done):
         path = folders[i + 1] / RESULTS_FILE
         data = _load_results(path)
         for j in range(i + 1):
-            matrix[i, j] = _score(data, path, tasks[j], metric, f"task {j + 1} evaluated after task {i + 1}")
+            context = f"task {j + 1} evaluated after task {i + 1}"
+            matrix[i, j] = _score(data, path, tasks[j], metrics[tasks[j]], context)
     logger.info("read %d tasks from %s", done, outputs)
-    return tasks, matrix, _metric_name(tasks, metric)
+    return tasks, matrix, _metric_name(metrics)
 
 
 def read_single_run(
@@ -306,17 +348,18 @@ def read_single_run(
 
     Tasks are independent there, so every folder with results counts, gaps or not.
     """
-    metric_for_task("", metric)
+    check_metric(metric)
     outputs = _resolve_outputs(run_outputs_dir)
     order = read_task_order(outputs)
     folders = _task_folders(outputs, order)
+    metrics = task_metrics(outputs, [order[i - 1] for i in folders if (folders[i] / RESULTS_FILE).is_file()], metric)
     scores: dict[str, float] = {}
     for index, folder in sorted(folders.items()):
         path = folder / RESULTS_FILE
         if not path.is_file():
             continue
         task = order[index - 1]
-        scores[task] = _score(_load_results(path), path, task, metric, f"task {index} trained alone")
+        scores[task] = _score(_load_results(path), path, task, metrics[task], f"task {index} trained alone")
     missing = [t for t in order if t not in scores]
     if not scores:
         raise ScoreError(f"{outputs}: no single-task results found")

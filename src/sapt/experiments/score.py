@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..benchmark_spec import column_label
 from ..run_files import ROUTING_FILE, task_dir_name
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
 from ..utils.fileio import remove_temporaries, write_files_atomic
@@ -61,12 +62,11 @@ from .cl_metrics import (
     RELEASE_FWT_CONSTANT,
     ScoreError,
     align_single_scores,
-    is_superni_task,
-    metric_for_task,
     read_run,
     read_single_run,
     read_task_order,
     summarize,
+    task_metrics,
 )
 from .routing_analysis import NOT_STORED, evaluation_name, read_evaluation_record, routing_accuracy, routing_description
 from .trace_report import final_own_weights, format_trace_table, png_bytes, read_run_traces, render_trace
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", metavar="RUN", help="run name under --root, or a run/outputs directory")
     p.add_argument("single_run", nargs="?", metavar="SINGLE_RUN", help="single-task run (each task alone) for FWT")
     p.add_argument("--root", default="logs_and_outputs", help="where run names are looked up")
-    p.add_argument("--metric", default="auto", choices=METRICS, help="auto: ROUGE-L for SuperNI, EM otherwise")
+    p.add_argument("--metric", default="auto", choices=METRICS,
+                   help="auto: each task's benchmark's metric (ROUGE-L for SuperNI, EM for Long_Sequence; docs/benchmarks.md)")
     p.add_argument("--results_dir", default="results", help="where the report files are written")
     p.add_argument("--compare", nargs="+", metavar="RUN",
                    help="one summary row per run (RUN first); with groups ('sapt_seed*' or a,b,c: one group each), "
@@ -128,13 +129,14 @@ def _fmt(value: float | None, missing: str = "n/a") -> str:
 
 
 def abbreviate(tasks: list[str], width: int = 12) -> list[str]:
-    """Short, unique column labels: 'task363' for SuperNI names, the name cut to `width` otherwise."""
+    """Short, unique column labels: a benchmark's column label ('task363' for SuperNI names), the name cut to
+    `width` otherwise."""
     short = []
     for task in tasks:
-        if is_superni_task(task):
-            short.append(task.split("_", 1)[0])
-        else:
-            short.append(task if len(task) <= width else task[: width - 1] + "~")
+        label = column_label(task)
+        if label is None:
+            label = task if len(task) <= width else task[: width - 1] + "~"
+        short.append(label)
     if len(set(short)) != len(short):  # collisions after cutting: prefix the position to disambiguate
         short = [f"{i}:{s}" for i, s in enumerate(short, start=1)]
     return short
@@ -313,7 +315,7 @@ def score_run(args) -> None:
         "outputs_dir": str(outputs),
         "metric": metric_name,
         "conditions": conditions,
-        "metric_keys": {t: KEY_PREFIX[metric_for_task(t, args.metric)] + t for t in tasks},
+        "metric_keys": {t: KEY_PREFIX[m] + t for t, m in task_metrics(outputs, tasks, args.metric).items()},
         "task_names": tasks,
         "task_order": order,
         "complete": len(tasks) == len(order),

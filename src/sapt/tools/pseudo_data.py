@@ -31,10 +31,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..backbone import load_backbone, load_tokenizer
+from ..benchmark_spec import SPEC_FILE
 from ..config import TARGET_MODULES
 from ..training.data import SPLITS, DataError, find_task, read_split_file
 from ..utils.cli import OneLineArgumentParser
-from ..utils.fileio import write_json_atomic
+from ..utils.fileio import write_bytes_if_changed, write_json_atomic
 from ..utils.logs import setup_cli_logging, stdout_kept_for_results
 
 logger = logging.getLogger(__name__)
@@ -311,6 +312,9 @@ def generate_for_task(
     if len(pairs) < count:
         logger.warning("%s: only %d of %d pseudo samples are usable", task, len(pairs), count)
     data = pseudo_task_json(task, pairs, definition)
+    own_spec = folder.parent / SPEC_FILE  # a benchmark of one's own: its pseudo samples' folder needs the spec too
+    if own_spec.is_file():
+        write_bytes_if_changed(target.parent / SPEC_FILE, own_spec.read_bytes())
     for split in SPLITS:  # the same content in each, as the release
         write_json_atomic(target / f"{split}.json", data)
     logger.info("%s: wrote %d pseudo samples to %s", task, len(pairs), target)

@@ -14,18 +14,16 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..benchmark_spec import Benchmark, BenchmarkError, benchmark, benchmark_folders, locate_task, shipped_benchmarks
 from ..utils.fileio import read_json
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-BENCHMARKS = ("SuperNI", "Long_Sequence")
+# Each benchmark's metric, prompt and label handling are its spec's (sapt.benchmark_spec, docs/benchmarks.md).
+BENCHMARKS = tuple(shipped_benchmarks())
 SPLITS = ("train", "dev", "test")
 PSEUDO_SPLIT = "train"  # pseudo samples of a task sit where its training split would, under their own root
-METRIC_OF_BENCHMARK = {"SuperNI": "rougeL", "Long_Sequence": "exact_match"}
-
-SUPERNI_TEMPLATE = "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
-LONG_TEMPLATE = "{definition}\n{input}\nOutput: "
 
 
 class DataError(ValueError):
@@ -34,22 +32,33 @@ class DataError(ValueError):
 
 def find_task(data_dir: str | Path, task: str) -> tuple[str, Path]:
     """(benchmark, folder) of `task` under a CL_Benchmark-style root (or a benchmark folder itself)."""
+    benchmark_spec, folder = _locate(data_dir, task)
+    return benchmark_spec.name, folder
+
+
+def _locate(data_dir: str | Path, task: str) -> tuple[Benchmark, Path]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder does not exist")
-    for benchmark in BENCHMARKS:
-        folder = data_dir / benchmark / task
-        if folder.is_dir():
-            return benchmark, folder
-    if data_dir.name in BENCHMARKS and (data_dir / task).is_dir():
-        return data_dir.name, data_dir / task
-    raise DataError(f"{data_dir}: no task folder named {task!r} under {' or '.join(BENCHMARKS)}{_known_tasks_hint(data_dir, task)}")
+    try:
+        found = locate_task(data_dir, task)
+        names = _benchmark_names(data_dir)
+    except BenchmarkError as err:
+        raise DataError(str(err)) from None
+    if found is None:
+        hint = _known_tasks_hint(data_dir, task)
+        raise DataError(f"{data_dir}: no task folder named {task!r} under {' or '.join(names)}{hint}")
+    return found
+
+
+def _benchmark_names(data_dir: Path) -> list[str]:
+    """The shipped benchmarks' names, then those of data_dir's folders with their own spec."""
+    return [*BENCHMARKS, *(spec.name for spec, _ in benchmark_folders(data_dir) if spec.name not in BENCHMARKS)]
 
 
 def task_names(data_dir: str | Path) -> list[str]:
     """Every task folder under a CL_Benchmark-style root (or a benchmark folder itself), sorted."""
-    data_dir = Path(data_dir)
-    roots = [data_dir / benchmark for benchmark in BENCHMARKS] + ([data_dir] if data_dir.name in BENCHMARKS else [])
+    roots = [root for _, root in benchmark_folders(data_dir)]
     return sorted({folder.name for root in roots if root.is_dir() for folder in root.iterdir() if folder.is_dir()})
 
 
@@ -63,16 +72,14 @@ def _known_tasks_hint(data_dir: Path, task: str) -> str:
     return f"; {guess}tasks there: {', '.join(names)}"
 
 
-def benchmark_of(data_dir: str | Path, task: str) -> str:
-    return find_task(data_dir, task)[0]
+def benchmark_of(data_dir: str | Path, task: str) -> Benchmark:
+    """The spec of the benchmark `task` belongs to: its metric selects the model on dev."""
+    return _locate(data_dir, task)[0]
 
 
-def format_prompt(benchmark: str, definition: str, text: str) -> str:
-    if benchmark == "SuperNI":
-        return SUPERNI_TEMPLATE.format(definition=definition, input=text)
-    if not definition:  # copa: no definition, the prompt starts with the input
-        return f"{text}\nOutput: "
-    return LONG_TEMPLATE.format(definition=definition, input=text)
+def format_prompt(benchmark_name: str, definition: str, text: str) -> str:
+    """The prompt of a shipped benchmark's instance."""
+    return benchmark(benchmark_name).format_prompt(definition, text)
 
 
 def _is_text(value) -> bool:
@@ -122,7 +129,7 @@ def load_split(
     """One split of one task. A list-valued `output` contributes one element, drawn with `seed`."""
     from datasets import Dataset
 
-    benchmark, folder = find_task(data_dir, task)
+    spec, folder = _locate(data_dir, task)
     definition, instances = read_split_file(folder / f"{split}.json")
     if max_samples is not None:
         instances = instances[:max_samples]
@@ -130,12 +137,12 @@ def load_split(
     rows = {"task": [], "source": [], "target": [], "index": []}
     for index, instance in enumerate(instances):
         output = instance["output"]
-        if isinstance(output, list):
+        if isinstance(output, list):  # the spec's list_outputs: "draw_one", the only rule (checked with the spec)
             output = rng.choice(output)
         if require_outputs and not output.strip():
             raise DataError(f"{folder / f'{split}.json'}: instance {index} has an empty output")
         rows["task"].append(task)
-        rows["source"].append(format_prompt(benchmark, definition, instance["input"]))
+        rows["source"].append(spec.format_prompt(definition, instance["input"]))
         rows["target"].append(output)
         rows["index"].append(index)
     return Dataset.from_dict(rows)

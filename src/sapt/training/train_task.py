@@ -56,7 +56,7 @@ from ..utils.logs import setup_cli_logging
 from ..utils.run_lock import EXIT_LOCKED, RunLocked, run_lock
 from ..utils.zero3 import init_deepspeed_comm, is_split
 from .collators import Collator
-from .data import METRIC_OF_BENCHMARK, DataError, benchmark_of
+from .data import DataError, benchmark_of
 from .metrics import compute_metrics
 from .prediction import TestPredictions, decode, generation_settings, predict_tests, write_predictions
 from .release_training import ReleaseMode
@@ -126,7 +126,7 @@ def first_process() -> bool:
 # ---- set up ---------------------------------------------------------------------------------------
 def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_plan: TaskPlan) -> TaskStep:
     """Seed; the model ready for this task; its data, loss terms, and a Trainer selecting on dev."""
-    metric = METRIC_OF_BENCHMARK[benchmark_of(args.data_dir, args.task)]
+    metric = benchmark_of(args.data_dir, args.task).metric  # the benchmark spec's (sapt.benchmark_spec)
     set_seed(training_args.seed)
     tokenizer, model, earlier_dirs, release = load_model(args, training_args, task_plan)
     train_set, dev, tests, probes = load_training_data(args, task_plan, training_args.seed)
