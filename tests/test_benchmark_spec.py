@@ -192,6 +192,7 @@ def test_unknown_benchmarks_and_unreadable_specs(mybench, tmp_path):
         find_task(mybench, "task1_x")
 
 
+@pytest.mark.slow
 def test_a_task_step_on_a_benchmark_of_ones_own_selects_and_is_scored_by_its_metric(mybench, tmp_path):
     """train_task end to end on MyBench (tiny T5): dev selection by the spec's ROUGE-L, and score.py reads it."""
     from sapt.tools.tiny import build_tiny_model
