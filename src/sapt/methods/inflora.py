@@ -17,6 +17,7 @@ All decompositions run in float64 on the CPU, so the same inputs give the same t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ SUBSPACE_FILE = "inflora_subspace.safetensors"  # per-layer bases of earlier tas
 # (--threshold 0.995, rising to 1.0), the benchmarks this toolkit runs.
 THRESHOLD_START = 0.995
 THRESHOLD_END = 1.0
+METADATA_KEY = "inflora"  # the file's metadata: {"position", "num_tasks", "threshold"} as JSON
 ROW_NORM = 1 / math.sqrt(3)  # InfLoRA's code scales the designed rows of A to norm 1/sqrt(3); GainLoRA keeps it
 
 
@@ -239,8 +241,11 @@ def load_subspace(path: Path, model: SaptModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_subspace(path: Path, bases: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    save_tensors_atomic(path, bases, metadata=metadata)
+def save_subspace(path: Path, bases: dict[str, torch.Tensor], position: int, num_tasks: int, threshold: float) -> None:
+    """The bases, and under one metadata key (safetensors writes several keys in no fixed order) the task
+    they were grown after."""
+    record = json.dumps({"position": position, "num_tasks": num_tasks, "threshold": threshold})
+    save_tensors_atomic(path, bases, metadata={METADATA_KEY: record})
 
 
 # ---- the hooks ------------------------------------------------------------------------------------------
@@ -286,5 +291,4 @@ class InfLoRAHooks:
         logger.info("InfLoRA: subspaces of %d to %d dimensions after task %d (threshold %.6g)",
                     min(sizes), max(sizes), position + 1, threshold)
         if not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0:
-            metadata = {"position": str(position), "num_tasks": str(num_tasks), "threshold": repr(threshold)}
-            save_subspace(Path(task_dir) / SUBSPACE_FILE, bases, metadata)
+            save_subspace(Path(task_dir) / SUBSPACE_FILE, bases, position, num_tasks, threshold)
