@@ -113,7 +113,7 @@ def grown_basis(statistics: torch.Tensor, basis: torch.Tensor, threshold: float)
     (I - M Mᵀ) C, largest first, until the share reaches `threshold`. Directions of (numerically) zero
     energy are never added."""
     total = statistics.square().sum()  # ||C||_F² = the sum of C's squared singular values
-    if total == 0:
+    if total == 0 or basis.shape[1] == basis.shape[0]:  # no input, or no direction left to add
         return basis
     directions, values = projected_directions(statistics, basis)
     shares = values.square() / total
