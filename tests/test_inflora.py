@@ -15,6 +15,7 @@ from sapt.methods.inflora import (
     SUBSPACE_FILE,
     InfLoRAError,
     InfLoRAHooks,
+    design_down_projection,
     grown_basis,
     input_statistics,
     load_subspace,
@@ -211,6 +212,9 @@ def test_basis_grows_by_the_energy_rule_on_a_known_spectrum():
     # Zero-energy directions are never added, even for a threshold the rounding may not reach.
     assert grown_basis(C, second, 1.0).shape == (d, 4)
     assert grown_basis(C, first, 0.5).equal(first)
+    full = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))[0]
+    assert grown_basis(C, full, 0.99).equal(full)  # nothing left to add
+    assert design_down_projection(C, full[:, :4], 3)[2:].count_nonzero() == 0  # 2 free dimensions for 3 rows
 
 
 def test_saved_subspace_is_orthonormal_grows_and_round_trips(family, tmp_path):

@@ -113,7 +113,7 @@ def grown_basis(statistics: torch.Tensor, basis: torch.Tensor, threshold: float)
     (I - M Mᵀ) C, largest first, until the share reaches `threshold`. Directions of (numerically) zero
     energy are never added."""
     total = statistics.square().sum()  # ||C||_F² = the sum of C's squared singular values
-    if total == 0:
+    if total == 0 or basis.shape[1] == basis.shape[0]:  # no input, or no direction left to add
         return basis
     directions, values = projected_directions(statistics, basis)
     shares = values.square() / total
@@ -180,7 +180,9 @@ def input_statistics(model: SaptModel, batches: Iterable[dict]) -> dict[str, tor
             if mask is None:
                 rows = x.reshape(-1, x.shape[-1])
             elif mask.shape != x.shape[:-1]:
-                raise RuntimeError(f"{name}: input of shape {tuple(x.shape)} does not fit the {side} positions {tuple(mask.shape)}")
+                raise RuntimeError(
+                    f"{name}: input of shape {tuple(x.shape)} does not fit the {side} positions {tuple(mask.shape)}"
+                )
             else:
                 rows = x[mask]  # (positions, d_in)
             rows = rows.to(torch.float64)
@@ -210,7 +212,9 @@ def input_statistics(model: SaptModel, batches: Iterable[dict]) -> dict[str, tor
             dist.all_reduce(counts[name])
     empty = [name for name, _ in layers if counts[name].item() == 0]
     if empty:
-        raise InfLoRAError(f"no input position reached {empty[0]} (and {len(empty) - 1} more layers): no batches, or all padding")
+        raise InfLoRAError(
+            f"no input position reached {empty[0]} (and {len(empty) - 1} more layers): no batches, or all padding"
+        )
     return {name: (sums[name] / counts[name]).cpu() for name, _ in layers}
 
 
@@ -235,7 +239,10 @@ def load_subspace(path: Path, model: SaptModel) -> dict[str, torch.Tensor]:
     for name, basis in tensors.items():
         d_in = layers[name].in_features
         if basis.dtype != torch.float64 or basis.dim() != 2 or basis.shape[0] != d_in or basis.shape[1] > d_in:
-            raise InfLoRAError(f"{path}: {name} holds a {basis.dtype} tensor of shape {tuple(basis.shape)}, expected float64 ({d_in}, k <= {d_in})")
+            raise InfLoRAError(
+                f"{path}: {name} holds a {basis.dtype} tensor of shape {tuple(basis.shape)}, "
+                f"expected float64 ({d_in}, k <= {d_in})"
+            )
         if not torch.isfinite(basis).all():
             raise InfLoRAError(f"{path}: {name} holds non-finite values")
     return tensors
@@ -255,7 +262,9 @@ class InfLoRAHooks:
     def __init__(self, threshold_start: float = THRESHOLD_START, threshold_end: float = THRESHOLD_END,
                  row_norm: float = ROW_NORM):
         if not 0 < threshold_start <= threshold_end <= 1:
-            raise ValueError(f"InfLoRA thresholds must satisfy 0 < start <= end <= 1, got {threshold_start}, {threshold_end}")
+            raise ValueError(
+                f"InfLoRA thresholds must satisfy 0 < start <= end <= 1, got {threshold_start}, {threshold_end}"
+            )
         if not row_norm > 0:
             raise ValueError(f"InfLoRA row norm must be positive, got {row_norm}")
         self.threshold_start, self.threshold_end, self.row_norm = threshold_start, threshold_end, row_norm
@@ -267,7 +276,10 @@ class InfLoRAHooks:
         if (previous_dir is None) != (position == 0):
             raise InfLoRAError(f"InfLoRA task at position {position} given previous folder {previous_dir}: "
                                "the first task has none, every later one needs its predecessor's")
-        self.previous = empty_subspace(model) if previous_dir is None else load_subspace(Path(previous_dir) / SUBSPACE_FILE, model)
+        if previous_dir is None:
+            self.previous = empty_subspace(model)
+        else:
+            self.previous = load_subspace(Path(previous_dir) / SUBSPACE_FILE, model)
         statistics = input_statistics(model, batches)
         for name, layer in model.sapt_layers():
             if layer.lora_A is None:
