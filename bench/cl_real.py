@@ -192,6 +192,7 @@ def variant(method: str) -> tuple[str, dict, dict]:
 
 def method_label(method: str, settings: dict) -> str:
     """What a row ran: the SAPT variants say which remedies were on (a --set may have changed them)."""
+    # The names of this bench's own rows (VARIANTS), not of registry methods: the two SAPT variants.
     if method == "sapt_paper":
         return "sapt as the paper writes it (no remedies)"
     if method != "sapt":
