@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 
 TASKS = ["synth_animal", "synth_topic", "synth_yesno", "synth_sentiment"]
-METHODS = ["sapt", "seq_lora", "o_lora"]
+METHODS = ["sapt", "seq_lora", "o_lora"]  # the default; any method that trains task after task runs
 METRICS = ["AP", "F.Ra", "BWT"]
 
 # The settings of the full run (see the reply/docstring for why).
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults)
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (1 with --smoke)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, any of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, any of {','.join(sequential_methods())}")
     p.add_argument("--smoke", action="store_true", help="1 seed, 2 tasks, a few steps")
     p.add_argument("--workdir", default=None,
                    help="keep the data, backbone and runs here (default: a temporary folder, deleted at the end)")
@@ -104,6 +104,13 @@ def settings_of(args) -> dict:
     return base
 
 
+def sequential_methods() -> list[str]:
+    """The methods of sapt.methods.registry that learn the tasks one after another, each on the last."""
+    from sapt.methods.registry import METHOD_NAMES, get_method
+
+    return [name for name in METHOD_NAMES if get_method(name).continues]
+
+
 def build_backbone(workdir: Path, s: dict) -> Path:
     from sapt.tools.tiny import build_tiny_model
 
@@ -116,6 +123,7 @@ def build_backbone(workdir: Path, s: dict) -> Path:
 
 
 def run_sequence(method: str, seed: int, model: Path, workdir: Path, s: dict, quiet: bool) -> Path:
+    from sapt.methods.registry import get_method
     from sapt.run_files import task_dir_name
     from sapt.training import train_task
 
@@ -143,7 +151,7 @@ def run_sequence(method: str, seed: int, model: Path, workdir: Path, s: dict, qu
             argv += ["--router_learning_rate", str(s["router_learning_rate"])]
         if previous is not None:
             argv += ["--previous_task_dir", str(previous)]
-        if method == "sapt":
+        if get_method(method).needs_pseudo_data:
             argv += ["--gen_data_dir", str(workdir / "generated_data" / "lora_gen_long_t5")]
         sink = io.StringIO()
         with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
@@ -180,9 +188,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     s = settings_of(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in sequential_methods()]
     if unknown:
-        print(f"cl_behaviour: unknown methods {unknown}; choose from {METHODS}", file=sys.stderr)
+        print(f"cl_behaviour: unknown methods {unknown}; choose from {sequential_methods()}", file=sys.stderr)
         return 2
     seeds = list(range(1 if args.smoke else args.seeds))
     if args.threads:

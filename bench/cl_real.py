@@ -57,12 +57,13 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 from sapt.run_files import RESULTS_FILE, ROUTING_FILE, task_dir_name  # noqa: E402
 from sapt.experiments.cl_metrics import read_run, read_single_run, summarize  # noqa: E402
 from sapt.experiments.pipeline import main as write_pipeline, parse_set  # noqa: E402
+from sapt.methods.registry import METHOD_NAMES, get_method  # noqa: E402
 from sapt.utils.cli import HelpWithDefaults  # noqa: E402
 
 PRESET = "long_llama"
 DEFAULT_MODEL = "models/smollm2-135m"
 DEFAULT_TASKS = ["sst2", "agnews", "wic"]
-METHODS = ["sapt", "sapt_paper", "seq_lora", "o_lora", "replay", "mtl"]
+METHODS = ["sapt", "sapt_paper", "seq_lora", "o_lora", "replay", "mtl"]  # the default rows
 # SAPT here is the paper's method plus the router remedies below (docs/router.md): without them its router gives
 # every task's inputs the same weights on this model at this budget. `sapt_paper` is the method as written.
 SAPT_REMEDIES = {"own_block_weight": 1.0, "router_pretrain_steps": 200, "freeze_router_while_training": True}
@@ -71,6 +72,9 @@ VARIANTS = {
     "sapt": ("sapt", SAPT_REMEDIES, {}),
     "sapt_paper": ("sapt", {}, {name: type(value)(0) for name, value in SAPT_REMEDIES.items()}),
 }
+# Every row --methods accepts: the variants, and each method of the registry trained in sequence or jointly
+# (a method whose tasks are trained alone is the `single` reference, which always runs).
+CHOICES = [*VARIANTS, *(name for name in METHOD_NAMES if name not in VARIANTS and not get_method(name).alone)]
 METRICS = ["AP", "F.Ra", "FWT", "BWT"]
 
 # train_task settings of the full run (see the docstring for why).
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", default=DEFAULT_MODEL, help="model folder (relative to the repository)")
     parser.add_argument("--tasks", default=None,
                         help=f"task folders, in training order (default {','.join(DEFAULT_TASKS)}; on the synthetic benchmark, its order)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {','.join(METHODS)} (single always runs, for FWT)")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"any of {','.join(CHOICES)} (single always runs, for FWT)")
     parser.add_argument("--data_dir", default="CL_Benchmark", help="benchmark root (relative to the repository)")
     parser.add_argument("--gen_data_root", default="generated_data", help="folder holding lora_gen_long_llama")
     parser.add_argument("--workdir", default="bench_runs/cl_real", help="where runs are written")
@@ -130,9 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else default_tasks(args.data_dir)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(METHODS))
+    unknown = sorted(set(args.methods) - set(CHOICES))
     if unknown:
-        parser.error(f"unknown methods {unknown}; use any of {METHODS}")
+        parser.error(f"unknown methods {unknown}; use any of {CHOICES}")
     if args.smoke:
         args.tasks = args.tasks[:2]
     if len(args.tasks) < 2:
@@ -153,7 +157,7 @@ def pipeline_environment() -> dict:
 def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     """Write the method's pipeline with the generator and run it; returns the wall time in seconds."""
     run_name = f"cl_real_{method}"
-    generator_method, defaults, forced = VARIANTS.get(method, (method, {}, {}))
+    generator_method, defaults, forced = variant(method)
     settings = {**defaults, **settings, **forced}
     generator_args = [
         "--quick", "--method", generator_method, "--tasks", ",".join(args.tasks), "--run_name", run_name,
@@ -181,8 +185,14 @@ def run_method(method: str, args, settings: dict, workdir: Path) -> float:
     return seconds
 
 
+def variant(method: str) -> tuple[str, dict, dict]:
+    """(the generator's --method, settings a --set may override, settings that always hold) of a row."""
+    return VARIANTS.get(method, (method, {}, {}))
+
+
 def method_label(method: str, settings: dict) -> str:
     """What a row ran: the SAPT variants say which remedies were on (a --set may have changed them)."""
+    # The names of this bench's own rows (VARIANTS), not of registry methods: the two SAPT variants.
     if method == "sapt_paper":
         return "sapt as the paper writes it (no remedies)"
     if method != "sapt":
@@ -229,7 +239,7 @@ def report(table: dict, tasks: list[str]) -> str:
             continue
         lines.append(f"| {method} | " + " | ".join(fmt(row.get(m)) for m in METRICS) + f" | {row['seconds']:.0f} |")
     for method, row in table.items():
-        if method.startswith("_") or method == "single":
+        if method.startswith("_") or "matrix" not in row:  # the single-task reference has no matrix
             continue
         lines += ["", f"{method}: exact match of task j (columns) after task i (rows)",
                   "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
@@ -271,7 +281,8 @@ def main(argv=None) -> int:
                            "scores": single, "dev": dev_scores(outputs_of["single"], args.tasks)}
     for method in args.methods:
         tasks, matrix, _ = read_run(outputs_of[method])
-        summary = summarize(matrix, single_scores if method != "mtl" else None)
+        joint = get_method(variant(method)[0]).joint  # one step on all tasks: no a_{j,j}, no FWT
+        summary = summarize(matrix, None if joint else single_scores)
         table[method] = {
             **{m: summary[m] for m in METRICS},
             "seconds": seconds[method],
@@ -287,7 +298,7 @@ def main(argv=None) -> int:
     text = report(table, args.tasks)
     print(f"\n{args.model_name_or_path}, tasks {' -> '.join(args.tasks)}, seed {args.seed} (exact match, 0-100)\n")
     for method in args.methods:
-        if method.startswith("sapt"):
+        if method in VARIANTS:
             print(f"{method}: {method_label(method, settings)}")
     print(text)
     if args.out:

@@ -116,3 +116,30 @@ def test_training_gradients_equal_autograd_through_the_stacked_blocks(num_tasks,
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, **tolerance)
     assert layer.past_down.grad is None and not layer.past_down.requires_grad
+
+
+@pytest.mark.parametrize("x_needs_grad", [False, True])
+def test_frozen_down_projection_still_trains_the_up_projection(x_needs_grad):
+    """InfLoRA freezes the current block's A: B must get the gradient plain autograd gives through the
+    concatenated matrices (float64: equal to rounding), A none."""
+    torch.manual_seed(2)
+    layer, routing = stacked_layer(3, 16, 24)
+    layer.double()
+    layer.lora_A.requires_grad_(False)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=x_needs_grad)
+    routing.weights = torch.ones(3, 3, dtype=torch.float64)
+    lora_B = layer.lora_B.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(x_needs_grad)
+    down = torch.cat([layer.past_down, layer.lora_A])
+    hidden = F.linear(x_ref, down) * layer.scaling
+    reference = layer.base_layer(x_ref) + F.linear(hidden, torch.cat([layer.past_up, lora_B], dim=1))
+    out = layer(x)
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    probe = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)
+    (out * probe).sum().backward()
+    (reference * probe).sum().backward()
+    assert layer.lora_A.grad is None and layer.past_down.grad is None
+    torch.testing.assert_close(layer.lora_B.grad, lora_B.grad, rtol=1e-12, atol=1e-12)
+    assert layer.lora_B.grad.abs().sum() > 0
+    if x_needs_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)

@@ -1,5 +1,5 @@
-"""The package's layers (docs/development.md, Layout): utils <- the method (src/sapt/) <- training <- experiments <- tools
-<- the command entries. No module imports from a layer after its own, and no modules import each other in a
+"""The package's layers (docs/development.md, Layout): utils <- the method (src/sapt/, src/sapt/methods/) <- training
+<- experiments <- tools <- the command entries. No module imports from a layer after its own, and no modules import each other in a
 cycle. Checked on the syntax tree of every module, lazy imports inside functions included."""
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def layer_of(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 2 and parts[1] in COMMANDS:
         return "commands"
+    if parts[1:2] == ["methods"]:  # the methods' records and their code are part of the method
+        return "method"
     return parts[1] if len(parts) > 2 or parts[1:] and parts[1] in LAYERS else "method"
 
 

@@ -8,11 +8,11 @@ from datasets import Dataset
 from transformers import Seq2SeqTrainingArguments
 
 from conftest import BENCHMARK, GENERATED, SUPERNI_TASKS, make_sapt, sample_batch
-from sapt.baselines import l2_loss, orthogonality_loss, replay_memory, union
+from sapt.methods.o_lora import l2_loss, orthogonality_loss
 from sapt.checkpoint import load_checkpoint
 from sapt.training.data import load_split
 from sapt.training.task_args import SaptArguments, plan
-from sapt.training.task_data import load_training_data
+from sapt.training.task_data import load_training_data, replay_memory, union
 from sapt.training.train_task import main, training_terms
 from sapt.training.trainer import SaptTrainer
 

@@ -14,7 +14,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 
 import sapt.experiments
 from conftest import BENCHMARK, GENERATED, LONG_TASKS, REPO_ROOT, write_model_folder, write_task_files
-from sapt.config import METHODS
+from sapt.methods.registry import METHOD_NAMES
 from sapt.experiments.pipeline import main as pipeline_main
 from sapt.training.task_args import RELEASE_DEFAULTS, SaptArguments
 
@@ -42,7 +42,7 @@ def generate(preset, *args):
 
 
 @pytest.mark.parametrize("preset", GENERATORS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, paper_inputs, preset, method):
     script = generate_in_process(
         preset, "--method", method, "--output", str(tmp_path / "p.sh"), "--workdir", str(tmp_path), *paper_inputs,
@@ -62,8 +62,10 @@ def test_generator_writes_a_pipeline_whose_commands_parse(tmp_path, capsys, pape
             1, 4 if "llama" in preset else 1
         ) == 32  # the release's global batch
     previous = [json.loads(p.read_text()).get("previous_task_dir") for p in configs]
-    if method in ("sapt", "o_lora", "seq_lora", "replay"):
+    if method in ("sapt", "o_lora", "seq_lora", "replay", "inflora"):  # the methods that build on the last task
         assert previous[0] is None and all(previous[1:])
+    else:
+        assert previous == [None] * len(configs)
 
 
 def test_paper_presets_carry_the_release_hyper_parameters(tmp_path, paper_inputs):

@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .methods.registry import METHOD_NAMES, get_method
+
 # Which projections carry the task blocks, per backbone family (docs/methods.md: q and v of every attention).
 # Any decoder-only family whose attention names its projections q_proj/v_proj works with the default.
 TARGET_MODULES = {
@@ -24,16 +26,6 @@ CONFIG_NAME = "sapt_config.json"
 # before the field existed hold scheme 1.
 INIT_SCHEME = 2
 LEGACY_INIT_SCHEME = 1
-
-# Continual-learning methods, all built from the same wrapped projections (see docs/methods.md):
-#   sapt      one block per task, mixed by the router's weights (SALS) + ARM
-#   o_lora    one block per task, summed with weight 1 (+ orthogonality loss during training)
-#   single    one block trained on one task alone (the reference for FWT)
-#   seq_lora  one block, trained on the tasks in sequence
-#   replay    seq_lora plus a small memory of earlier tasks' real examples
-#   mtl       one block on the union of all tasks (upper bound)
-METHODS = ("sapt", "o_lora", "single", "seq_lora", "replay", "mtl")
-BLOCK_PER_TASK_METHODS = ("sapt", "o_lora")
 
 
 def default_target_modules(model_type: str) -> list[str]:
@@ -81,7 +73,7 @@ class SaptConfig:
         default=False,
         metadata={"help": "Max-pool over padding positions too (the release's behaviour; batch-dependent)."},
     )
-    method: str = field(default="sapt", metadata={"help": f"Continual-learning method: {', '.join(METHODS)}."})
+    method: str = field(default="sapt", metadata={"help": f"Continual-learning method: {', '.join(METHOD_NAMES)} (sapt.methods.registry)."})
     tasks: list[str] = field(default_factory=list, metadata={"help": "Tasks learned so far, oldest first."})
     init_scheme: int = field(
         default=INIT_SCHEME,
@@ -91,8 +83,7 @@ class SaptConfig:
     def __post_init__(self):
         if not self.target_modules:
             self.target_modules = default_target_modules(self.model_type)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        get_method(self.method)  # an unknown name fails here, listing the methods
         if self.r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.r}")
         self.temperature_value()  # validate early
@@ -112,11 +103,11 @@ class SaptConfig:
     @property
     def routed(self) -> bool:
         """Blocks mixed by a learned router (SAPT) rather than summed."""
-        return self.method == "sapt"
+        return get_method(self.method).routed
 
     @property
     def block_per_task(self) -> bool:
-        return self.method in BLOCK_PER_TASK_METHODS
+        return get_method(self.method).block_per_task
 
     @property
     def scaling(self) -> float:

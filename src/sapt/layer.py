@@ -75,8 +75,11 @@ class _PartlyFrozenLinear(torch.autograd.Function):
     def forward(ctx, x, frozen, trainable, dim: int):
         weight = torch.cat([frozen, trainable], dim=dim)
         out = F.linear(x, weight)
-        ctx.save_for_backward(x, weight)
-        ctx.dim, ctx.split = dim, frozen.shape[dim]
+        # Keep only what backward uses: the input for the trainable slice's gradient, the weight for the
+        # input's. A slice that needs no gradient (InfLoRA's designed down-projection) keeps nothing.
+        needs_x, needs_trainable = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        ctx.save_for_backward(x if needs_trainable else None, weight if needs_x else None)
+        ctx.dim, ctx.split, ctx.x_dtype, ctx.weight_dtype = dim, frozen.shape[dim], x.dtype, weight.dtype
         return out
 
     @staticmethod
@@ -85,14 +88,14 @@ class _PartlyFrozenLinear(torch.autograd.Function):
         # Autocast may have run forward's product in a lower precision than x and weight are kept in.
         grad_x = grad_trainable = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype)
+            grad_x = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_2d, x_2d = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
             if ctx.dim == 0:
                 grad_trainable = grad_2d[:, ctx.split :].T @ x_2d  # (r, d_in)
             else:
                 grad_trainable = grad_2d.T @ x_2d[:, ctx.split :]  # (d_out, r)
-            grad_trainable = grad_trainable.to(weight.dtype)
+            grad_trainable = grad_trainable.to(ctx.weight_dtype)
         return grad_x, None, grad_trainable, None
 
 
@@ -132,6 +135,11 @@ class SaptLinear(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.num_frozen + (self.lora_A is not None)
+
+    @property
+    def current_block_trains(self) -> bool:
+        """A current block with a trainable part: both matrices, or lora_B alone (InfLoRA freezes lora_A)."""
+        return self.lora_A is not None and (self.lora_A.requires_grad or self.lora_B.requires_grad)
 
     @property
     def past_A(self) -> torch.Tensor:
@@ -225,7 +233,7 @@ class SaptLinear(nn.Module):
         if weights.shape[1] != num_blocks * self.r:
             raise RuntimeError(f"{weights.shape[1] // self.r} routing weights for {num_blocks} blocks")
         weights = weights.view(weights.shape[0], *([1] * (x.dim() - 2)), -1)
-        if torch.is_grad_enabled() and self.lora_A is not None and self.lora_A.requires_grad:
+        if torch.is_grad_enabled() and self.current_block_trains:
             # Training: the same two products, with weight gradients for the current block only.
             dtype = x.dtype
             hidden = _PartlyFrozenLinear.apply(self.dropout(x), self.past_down.to(dtype), self.lora_A.to(dtype), 0)

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from ..config import METHODS
+from ..methods.registry import METHOD_NAMES, get_method
 from ..run_files import COMPLETE_FILE, run_lock_path, task_dir_name
 from ..training.data import DataError
 from ..training.preflight import check_split_file, locate_backbone, pseudo_files, split_files
@@ -36,7 +36,6 @@ from ..utils.fileio import write_json_atomic, write_text_atomic
 
 # Presets, task orders and DeepSpeed configs are package data (the checkout's top-level configs/ links here).
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
-SEQUENTIAL_METHODS = ("sapt", "o_lora", "seq_lora", "replay")
 # Absolute: the pipeline runs in its --workdir, wherever the package is installed.
 DEEPSPEED_CONFIGS = {stage: str(PACKAGE_CONFIGS / "ds_configs" / f"{stage}.json") for stage in ("zero2", "zero3")}
 # Every step runs the interpreter that wrote the pipeline; its header sets $PYTHON to it.
@@ -95,6 +94,11 @@ class Experiment:
     def family(self) -> str:
         return self.settings["family"]
 
+    @property
+    def method_record(self):
+        """What the method is (sapt.methods.registry)."""
+        return get_method(self.method)
+
     def output_dir(self, position: int) -> str:
         return f"logs_and_outputs/{self.run_name}/outputs/{task_dir_name(position, self.tasks[position - 1])}"
 
@@ -109,7 +113,7 @@ class Experiment:
 
     def positions(self) -> list[int]:
         """1-based positions this method trains: all, or only the last for joint training."""
-        return [len(self.tasks)] if self.method == "mtl" else list(range(1, len(self.tasks) + 1))
+        return [len(self.tasks)] if self.method_record.joint else list(range(1, len(self.tasks) + 1))
 
     def task_arguments(self, position: int) -> dict:
         """The `sapt.train_task` arguments (and Seq2SeqTrainingArguments) of one task."""
@@ -141,13 +145,13 @@ class Experiment:
             "logging_steps": 10,
             "disable_tqdm": True,
         }
-        if self.method == "sapt":
+        if self.method_record.reflection:
             args["kl_ratio"] = s["kl_ratio"]
             if self.gen_data_dir:
                 args["gen_data_dir"] = self.gen_data_dir
             else:
                 args["no_reflection"] = True
-        if self.method in SEQUENTIAL_METHODS and position > 1:
+        if self.method_record.continues and position > 1:
             args["previous_task_dir"] = self.output_dir(position - 1)
         for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             if key in s:
@@ -224,9 +228,9 @@ def build_parser(preset: str, settings: dict, orders: dict) -> argparse.Argument
                         help="Task order (docs/reproducing.md)" + ("; 1-3 are the standard 4-task benchmark" if settings["benchmark"] == "Long_Sequence" else ""))
     parser.add_argument("--tasks", default=None, metavar="A,B,C",
                         help="Your own task order: task folders of --data_dir, comma-separated (instead of --order).")
-    parser.add_argument("--method", default="sapt", choices=METHODS,
-                        help="sapt; o_lora, seq_lora, replay (sequential baselines); single (each task alone, the "
-                             "reference for FWT); mtl (all tasks jointly).")
+    parser.add_argument("--method", default="sapt", choices=METHOD_NAMES,
+                        help="; ".join(f"{m.name}: {m.summary}" for m in map(get_method, METHOD_NAMES))
+                        + " (docs/methods.md).")
     parser.add_argument("--protocol", default="paper", choices=["paper", "clean"],
                         help="paper: the released dev files (= test); clean: dev carved from train.")
     parser.add_argument("--quick", action="store_true",
@@ -308,9 +312,10 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
     if not run_name.replace("-", "_").replace(".", "_").isidentifier():
         parser.error(f"--run_name {run_name!r} must be letters, digits, '-', '_' or '.'")
     gen_data_dir = None
-    if ns.method == "sapt" and ns.pseudo_data == "shipped":
+    reflects = get_method(ns.method).needs_pseudo_data
+    if reflects and ns.pseudo_data == "shipped":
         gen_data_dir = f"{ns.gen_data_root}/{settings['gen_data']}"
-    elif ns.method == "sapt" and ns.pseudo_data == "regenerate":
+    elif reflects and ns.pseudo_data == "regenerate":
         gen_data_dir = regenerated_pseudo_dir(run_name, settings)
     experiment = Experiment(
         preset=preset, settings=settings, method=ns.method, order=ns.order if ns.tasks is None else "custom",
@@ -318,7 +323,7 @@ def make_experiment(preset: str, argv: list[str] | None = None, configs: Path = 
         protocol=ns.protocol, quick=ns.quick, build_tiny=ns.quick and ns.model_name_or_path is None,
         seed=DEFAULT_SEED if ns.seed is None else ns.seed, seeds=seeds,
         gpus=gpus, deepspeed=getattr(ns, "deepspeed", None),
-        pseudo_data=ns.pseudo_data if ns.method == "sapt" else "none", single_run=ns.single_run, workdir=str(workdir), extra=extra,
+        pseudo_data=ns.pseudo_data if reflects else "none", single_run=ns.single_run, workdir=str(workdir), extra=extra,
         release_exact=ns.release_exact, release_behaviours=ns.release_behaviours,
     )
     output = Path(ns.output or f"{GENERATED_PIPELINES}/{run_name}" + ("_seeds" if seeds else "") + ".sh")
@@ -433,7 +438,7 @@ def _run_lines(exp: Experiment) -> list[str]:
         "done",
         "",
     ]
-    if exp.method == "single":  # each task alone: the reference for another run's FWT, no matrix of its own
+    if exp.method_record.alone:  # each task alone: the reference for another run's FWT, no matrix of its own
         lines.append(f'echo "[pipeline] single-task scores for FWT: $PYTHON -m sapt.score RUN {exp.run_name}"')
     else:
         lines.append(f"{SCORE_COMMAND} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
@@ -472,7 +477,7 @@ def render_seeds_pipeline(exp: Experiment, config_dir: Path, script: Path) -> st
     for run in runs:
         lines += [f"# seed {run.seed}", f"RUN={q(run.run_name)}", f"CONFIGS={q(str(seed_config_dir(config_dir, run.seed)))}"]
         lines += _run_lines(run) + [""]
-    if exp.method != "single":
+    if not exp.method_record.alone:
         single = f" --single {q(exp.single_run)}" if exp.single_run else ""
         lines.append(f"{SCORE_COMMAND} --aggregate {' '.join(q(r.run_name) for r in runs)}{single}")
     return "\n".join(lines + _quick_note(exp)) + "\n"

@@ -42,6 +42,7 @@ from ..checkpoint import (
 )
 from ..config import CONFIG_NAME, SaptConfig
 from ..experiments.cl_metrics import ScoreError, read_run, summarize
+from ..methods.registry import METHOD_NAMES, get_method
 from ..run_files import TASK_ARGS_FILE, task_dir_name
 from ..training.data import DataError
 from ..utils.cli import OneLineArgumentParser, UsageError, report_error
@@ -114,8 +115,9 @@ def _split_block(tensors: dict[str, torch.Tensor], path: Path, config: SaptConfi
 def read_task_blocks(task_dir: Path) -> tuple[SaptConfig, list[TaskBlock]]:
     """The config of `task_dir` and every task up to it, each with its block and ā, all checked."""
     config = load_config(task_dir)
-    if not (config.routed and config.block_per_task):
-        raise CheckpointError(f"{task_dir / CONFIG_NAME}: method {config.method!r} has no routed blocks; export needs a sapt run")
+    if not get_method(config.method).exportable:
+        runs = " or ".join(name for name in METHOD_NAMES if get_method(name).exportable)
+        raise CheckpointError(f"{task_dir / CONFIG_NAME}: method {config.method!r} has no routed blocks; export needs a {runs} run")
     tasks = []
     for index, (task, relative) in enumerate(zip(config.tasks, read_lineage(task_dir, config)), start=1):
         folder = (task_dir / relative).resolve()

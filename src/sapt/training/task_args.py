@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..config import METHODS
+from ..methods.registry import METHOD_NAMES, get_method
 from ..utils.cli import UsageError, first_line
 
 # The release's training settings that differ from the Trainer's defaults (docs/reproducing.md, hyper-parameters).
@@ -37,7 +37,9 @@ class SaptArguments:
     model_name_or_path: str = field(metadata={"help": "Backbone: a local folder or a hub name."})
     task_order: str = field(metadata={"help": "All tasks of the sequence, comma-separated."})
     task: str = field(metadata={"help": "The task this process trains (one of --task_order)."})
-    method: str = field(default="sapt", metadata={"help": "sapt, o_lora, single, seq_lora, replay or mtl.", "choices": list(METHODS)})
+    method: str = field(
+        default="sapt", metadata={"help": f"{', '.join(METHOD_NAMES)} (sapt.methods.registry).", "choices": list(METHOD_NAMES)}
+    )
     data_dir: str = field(default="CL_Benchmark", metadata={"help": "Root holding SuperNI/ and Long_Sequence/."})
     previous_task_dir: str | None = field(
         default=None, metadata={"help": "Output folder of the preceding task (required after the first task)."}
@@ -89,6 +91,11 @@ class SaptArguments:
     orthogonal_weight: float = field(default=0.5, metadata={"help": "o_lora: λ1 of Σ|A_new A_oldᵀ|."})
     l2_weight: float = field(default=0.0, metadata={"help": "o_lora: λ2 of ‖new block‖²."})
     replay_ratio: float = field(default=0.02, metadata={"help": "replay: share of each earlier task's training set kept."})
+    inflora_batches: int | None = field(
+        default=None,
+        metadata={"help": "inflora: how many batches of the task's training data (the Trainer's batches, in order) "
+                          "give the input statistics that design the block and grow the subspace (default: all)."},
+    )
     single_task: bool = field(default=False, metadata={"help": "The release's flag: same as --method single."})
     protocol: str = field(
         default="paper", metadata={"help": "paper: released dev files; clean: dev carved from train.", "choices": ["paper", "clean"]}
@@ -175,13 +182,13 @@ class TaskPlan:
 
 
 def reflects(args: SaptArguments, earlier: list[str]) -> bool:
-    """Whether ARM runs in this step: SAPT after the first task, unless turned off."""
-    return args.method == "sapt" and bool(earlier) and not args.no_reflection and args.kl_ratio > 0
+    """Whether ARM runs in this step: a method with reflection (SAPT) after the first task, unless turned off."""
+    return get_method(args.method).reflection and bool(earlier) and not args.no_reflection and args.kl_ratio > 0
 
 
 def traces_routing(args: SaptArguments) -> bool:
     """Whether this step records the routing trace: a routed method, unless turned off."""
-    return args.method == "sapt" and args.routing_trace_every > 0
+    return get_method(args.method).routed and args.routing_trace_every > 0
 
 
 def plan(args: SaptArguments) -> TaskPlan:
@@ -194,15 +201,16 @@ def plan(args: SaptArguments) -> TaskPlan:
     if args.task not in order:
         raise UsageError(f"--task {args.task!r} is not in --task_order")
     position = order.index(args.task)
-    if args.method == "single":
-        learned, continues = [args.task], False
-    else:
-        learned, continues = order[: position + 1], args.method != "mtl" and position > 0
+    try:
+        method = get_method(args.method)
+    except ValueError as err:
+        raise UsageError(f"--method: {err}") from None
+    learned = [args.task] if method.alone else order[: position + 1]
     earlier = learned[:-1]
     return TaskPlan(
-        order, position, learned, continues,
-        training_tasks=list(learned) if args.method == "mtl" else [args.task],
-        memory_tasks=list(earlier) if args.method == "replay" else [],
+        order, position, learned, method.continues and position > 0,
+        training_tasks=list(learned) if method.joint else [args.task],
+        memory_tasks=list(earlier) if method.replays else [],
         dev_carved=args.protocol == "clean",
         pseudo_tasks=list(earlier) if reflects(args, earlier) else [],
         probe_tasks=list(learned) if traces_routing(args) else [],
@@ -320,9 +328,17 @@ def check_task_overrides(values: dict) -> None:
         raise argparse.ArgumentTypeError(f"--set {problem}")
 
 
+# Arguments added after task_args.json's keys were fixed: recorded only when set, so the records of the runs
+# that do not use them stay as they were (a reader takes the default for a missing key).
+RECORDED_WHEN_SET = {"inflora_batches": None}
+
+
 def task_args_record(args: SaptArguments, training_args) -> dict:
     """The arguments a task step ran with (task_args.json): what a re-evaluation and a report need."""
     record = dataclasses.asdict(args)
+    for name, default in RECORDED_WHEN_SET.items():
+        if record[name] == default:
+            del record[name]
     for name in (
         "seed", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
         "learning_rate", "num_train_epochs", "max_steps", "bf16", "generation_max_length", "generation_num_beams",

@@ -9,13 +9,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets import concatenate_datasets
+from datasets import Dataset, concatenate_datasets
 
-from ..baselines import replay_memory, union
 from ..checkpoint import ROUTING_MEAN_FILE, CheckpointError, load_routing_mean
+from ..methods.registry import get_method
 from ..utils.cli import UsageError
 from .data import BENCHMARKS, DataError, carve_dev, find_task, load_pseudo_split, load_split
 from .task_args import SaptArguments, TaskPlan
+
+
+def replay_memory(train_sets: list[Dataset], ratio: float, seed: int) -> Dataset:
+    """A seeded sample of `ratio` of each earlier task's real training set (at least one example each)."""
+    samples = []
+    for number, train in enumerate(train_sets):
+        size = max(1, round(ratio * len(train)))
+        samples.append(train.shuffle(seed=seed + number).select(range(min(size, len(train)))))
+    return concatenate_datasets(samples)
+
+
+def union(datasets: list[Dataset]) -> Dataset:
+    """Concatenate splits of several tasks, renumbering `index` so it addresses the union."""
+    joined = concatenate_datasets(datasets)
+    return joined.map(lambda _, i: {"index": i}, with_indices=True)
 
 
 def read_splits(data_dir: str | Path, task_plan: TaskPlan, seed: int) -> dict:
@@ -48,7 +63,7 @@ def load_training_data(args: SaptArguments, task_plan: TaskPlan, seed: int):
         return _train_and_dev(args, task_plan, files, task, seed)
 
     pairs = [train_and_dev(task) for task in task_plan.training_tasks]
-    if args.method == "mtl":  # renumbered even for one task: `index` addresses the union
+    if get_method(args.method).joint:  # renumbered even for one task: `index` addresses the union
         train, dev = union([p[0] for p in pairs]), union([p[1] for p in pairs])
     else:
         (train, dev), = pairs

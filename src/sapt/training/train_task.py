@@ -29,7 +29,6 @@ from pathlib import Path
 from transformers import AutoConfig, HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
 from ..backbone import load_backbone, load_tokenizer
-from ..baselines import l2_loss, orthogonality_loss
 from ..checkpoint import (
     CheckpointError,
     block_folders,
@@ -39,6 +38,7 @@ from ..checkpoint import (
     save_task_artifacts,
 )
 from ..config import INIT_SCHEME, SaptConfig, release_temperature
+from ..methods.registry import get_method, resolve
 from ..model import SaptModel
 from ..own_block import own_block_loss
 from ..reflection import AttentiveReflection, mean_routing
@@ -57,6 +57,7 @@ from ..utils.run_lock import EXIT_LOCKED, RunLocked, run_lock
 from ..utils.zero3 import init_deepspeed_comm, is_split
 from .collators import Collator
 from .data import DataError, benchmark_of
+from .method_hooks import FrozenBlockTensors, training_batches
 from .metrics import compute_metrics
 from .prediction import TestPredictions, decode, generation_settings, predict_tests, write_predictions
 from .release_training import ReleaseMode
@@ -93,6 +94,8 @@ class TaskStep:
     evaluates: bool  # the Trainer evaluates on dev (then a last evaluation closes training)
     train_set: object
     trace: RoutingTrace | None  # the routing trace, for routed methods
+    hooks: object | None = None  # the method's hooks around training (sapt.training.method_hooks), if any
+    hook_batches: object = None  # () -> the hooks' batches of the task's training data
 
 
 # ---- the recipe -----------------------------------------------------------------------------------
@@ -135,6 +138,9 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
     train_collator = Collator(tokenizer, is_encoder_decoder, **lengths, **tokenization)
     generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True, **tokenization)
+    hooks, hook_batches, hook_parts = start_method_hooks(
+        args, model, task_plan, train_set, train_collator, training_args.per_device_train_batch_size
+    )
     terms = training_terms(
         args, model, task_plan, earlier_dirs, train_collator if release.switches.pseudo_rows else generation_collator,
         training_args.per_device_train_batch_size, training_args.seed, release if release.switches.any else None,
@@ -152,13 +158,14 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
         regularizers=terms,
         router_learning_rate=args.router_learning_rate,
         generation_kwargs=generation_settings(training_args.generation_max_length, training_args.generation_num_beams),
+        checkpoint_parts=hook_parts,
         release=release_training,
     )
     selection, evaluates = add_model_selection(trainer, args, metric, release_evaluation)
     trace = add_routing_trace(trainer, model, probes, generation_collator, args.routing_trace_every) if probes else None
     return TaskStep(
         args, training_args, task_plan, Path(training_args.output_dir), metric, tokenizer, model, earlier_dirs,
-        dev, tests, generation_collator, trainer, selection, evaluates, train_set, trace,
+        dev, tests, generation_collator, trainer, selection, evaluates, train_set, trace, hooks, hook_batches,
     )
 
 
@@ -213,15 +220,27 @@ def build_model(args: SaptArguments, backbone, task_plan: TaskPlan, seed: int) -
     return model, earlier_dirs
 
 
+def start_method_hooks(args, model, task_plan, train_set, collator, batch_size):
+    """The method's hooks (sapt.training.method_hooks), once the new block exists and before the Trainer is
+    built: (the hooks, already past before_training, or None; a function giving their batches, made by the
+    Trainer's collator; the checkpoint parts that keep what they froze)."""
+    hooks = get_method(args.method).make_hooks()
+
+    def hook_batches():
+        return training_batches(train_set, collator, batch_size, args.inflora_batches)
+
+    if hooks is None:
+        return None, hook_batches, []
+    previous = task_plan.previous_folder()
+    hooks.before_training(model, hook_batches(), previous, task_plan.position, len(task_plan.order))
+    return hooks, hook_batches, [FrozenBlockTensors(model)]
+
+
 def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed, release=None, bf16=False):
     """The weighted loss terms added to CE for this method (LossTerm, called as fn(model, position, inputs))."""
-    if args.method == "o_lora":  # terms of the parameters alone: the step position does not matter
-        return [
-            LossTerm("orthogonality", args.orthogonal_weight, lambda model, _, __: orthogonality_loss(model)),
-            LossTerm("l2", args.l2_weight, lambda model, _, __: l2_loss(model)),
-        ]
-    terms = []
-    if args.method == "sapt" and task_plan.position > 0:  # a remedy (docs/router.md): off by default
+    method = get_method(args.method)
+    terms = [method_term(spec, args) for spec in method.loss_terms]  # O-LoRA's, say
+    if method.routed and task_plan.position > 0:  # a remedy (docs/router.md): off by default
         terms.append(LossTerm("own_block", args.own_block_weight, lambda model, _, inputs: own_block_loss(model, inputs)))
     pseudo = load_pseudo_sets(args, task_plan, seed)
     if not pseudo:  # no ARM in this step (see sapt.training.task_args.reflects)
@@ -242,6 +261,13 @@ def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, s
             for task, term in zip(task_plan.pseudo_tasks, reflection.task_terms())
         ]
     return [LossTerm("arm", args.kl_ratio, lambda model, position, _: reflection.loss(model, position))]
+
+
+def method_term(spec, args) -> LossTerm:
+    """A record's loss term (sapt.methods.registry.LossTermSpec): a function of the parameters alone, so the
+    step position and the inputs do not matter."""
+    loss = resolve(spec.loss)
+    return LossTerm(spec.name, getattr(args, spec.weight_argument), lambda model, _, __: loss(model))
 
 
 def dev_scorer(tokenizer, dev_references: list[str]):
@@ -362,6 +388,10 @@ def save(step: TaskStep) -> None:
     process takes part (ZeRO-3 gathers the router, ā is summed over all processes' examples); rank 0
     writes."""
     writer = step.trainer.is_world_process_zero()
+    if step.hooks is not None:  # on the trained model; the folder is final only with COMPLETE_FILE (record)
+        step.hooks.after_training(
+            step.model, step.hook_batches(), step.output_dir, step.plan.position, len(step.plan.order)
+        )
     earlier = [os.path.relpath(d, step.output_dir.resolve()) for d in step.earlier_dirs]
     save_task_artifacts(step.model, step.output_dir, earlier, write=writer)
     if step.model.router is not None:

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from ..checkpoint import BLOCK_FILE, ROUTER_FILE, CheckpointError, block_folders, load_config
 from ..config import default_target_modules
+from ..methods.registry import get_method, resolve
 from ..run_files import COMPLETE_FILE
 from ..utils.cli import UsageError, first_line
 from .data import BENCHMARKS, DataError, find_task
@@ -29,7 +30,8 @@ from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
 # ---- a task's inputs ----------------------------------------------------------------------------
 def _check_numbers(args) -> None:
     positive = ["lora_r", "query_dim", "max_source_length", "max_target_length"]
-    optional_positive = ["max_train_samples", "max_eval_samples", "max_predict_samples", "eval_every_epochs"]
+    optional_positive = ["max_train_samples", "max_eval_samples", "max_predict_samples", "eval_every_epochs",
+                         "inflora_batches"]
     for name in positive + optional_positive:
         value = getattr(args, name)
         if value is None and name in optional_positive:
@@ -179,6 +181,8 @@ def _check_previous(args, task_plan: TaskPlan, model_type: str, hidden: int | No
     block_dirs = block_folders(folder, found)
     for block_dir in block_dirs:
         _check_tensor_file(block_dir / BLOCK_FILE)
+    for reference in get_method(found.method).task_tensor_files:  # the method's own files (InfLoRA's subspace)
+        _check_tensor_file(folder / resolve(reference))
     if found.routed:
         _check_tensor_file(folder / ROUTER_FILE)
     if output_dir and Path(output_dir).resolve() in {folder.resolve(), *block_dirs}:
@@ -193,12 +197,13 @@ def _check_reflection(args, task_plan: TaskPlan, earlier_dirs: list[Path], seed:
 
 
 def _check_deepspeed(args, training_args) -> None:
-    """O-LoRA's terms read the blocks outside any module's forward, where ZeRO-3 leaves them partitioned."""
+    """A method's loss terms (O-LoRA's) read the blocks outside any module's forward, where ZeRO-3 leaves them
+    partitioned."""
     ds_config = getattr(training_args, "hf_deepspeed_config", None)
-    uses_blocks = args.method == "o_lora" and (args.orthogonal_weight or args.l2_weight)
+    uses_blocks = any(getattr(args, spec.weight_argument) for spec in get_method(args.method).loss_terms)
     if ds_config is not None and ds_config.is_zero3() and uses_blocks:
         raise UsageError(
-            f"--deepspeed {training_args.deepspeed}: o_lora's regularizers need whole blocks; use ZeRO-2 (zero2.json)"
+            f"--deepspeed {training_args.deepspeed}: {args.method}'s regularizers need whole blocks; use ZeRO-2 (zero2.json)"
         )
     # Router pretraining steps a plain optimizer before the Trainer starts, on the router's whole tensors.
     if ds_config is not None and ds_config.is_zero3() and args.router_pretrain_steps:

@@ -1,0 +1,1 @@
+"""The continual-learning methods: their records (registry.py, plain data) and what each adds in code."""
