@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .router import to_log_weights
+
 
 def arm_target(routing_mean: list[float], num_blocks: int, floor: float = 0.0) -> torch.Tensor:
     """ā_i (oldest block first, length i) padded with zeros for the num_blocks - i newer blocks, then
@@ -126,7 +128,7 @@ class AttentiveReflection:
         mask = None if self.pool_all else batch["attention_mask"].to(model.device)
         with self._precision(model):
             logits = model.routing_logits(batch["input_ids"].to(model.device), mask)  # (B, T)
-            log_probs = logits.log_softmax(dim=-1)
+            log_probs = to_log_weights(logits)
             target = self.targets[task]
             if self.autocast_dtype is None:
                 expanded = target.to(log_probs).expand_as(log_probs)
