@@ -77,14 +77,6 @@ class Router(nn.Module):
         self.register_buffer("past_keys", torch.zeros(0, hidden_size))  # (T_old, d)
         self.key: nn.Parameter | None = None  # (d,), the current task's
 
-    def init_query_net_normal(self, std: float, generator: torch.Generator | None = None) -> None:
-        """Redraw the two linear layers from N(0, std), drawn on the CPU (the LayerNorm keeps its init):
-        the release's LLaMA init applied the backbone's `_init_weights` to them (sapt.training.release_exact)."""
-        with torch.no_grad():
-            for linear in (self.query_net[0], self.query_net[1]):
-                drawn = torch.empty(linear.weight.shape).normal_(0.0, std, generator=generator)
-                linear.weight.copy_(drawn)
-
     @property
     def num_keys(self) -> int:
         return self.past_keys.shape[0] + (self.key is not None)
