@@ -25,7 +25,6 @@ from transformers import Seq2SeqTrainingArguments, TrainerCallback
 from sapt.training.collators import Collator
 from sapt.model import IGNORE_INDEX
 from sapt.experiments.pipeline import main as pipeline_main
-from sapt.reflection import AttentiveReflection
 from sapt.training.release_exact import ReleaseSwitches, resolve_switches
 from sapt.training.release_training import (
     ReleaseEvaluation,
@@ -36,8 +35,10 @@ from sapt.training.release_training import (
     release_cross_entropy,
     release_schedule,
 )
+from sapt.training.release_training import ReleaseReflection as AttentiveReflection  # the release's ARM options moved
+from sapt.training.release_training import ReleaseTrainer as SaptTrainer  # release= moved
 from sapt.training.release_stepping import PerBackwardStepping
-from sapt.training.trainer import KeepBestTrainable, LossTerm, SaptTrainer, StepPosition, trainable_tensors
+from sapt.training.trainer import KeepBestTrainable, LossTerm, StepPosition, trainable_tensors
 from sapt.utils.cli import UsageError
 
 LLAMA_PAD, LLAMA_BOS = 3, 1  # the conftest LLaMA's ids

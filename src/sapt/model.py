@@ -14,9 +14,9 @@ from torch import nn
 
 from .config import SaptConfig
 from .layer import RoutingState, SaptLinear
-from .router import Router, max_pool
+from .router import IGNORE_INDEX, Router, pooled_positions, routing_logits, to_weights
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "SaptModel", "target_linears", "task_generator"]  # IGNORE_INDEX: where labels are read
 
 
 def task_generator(seed: int, position: int) -> torch.Generator:
@@ -163,23 +163,7 @@ class SaptModel(nn.Module):
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
-    # ---- routing --------------------------------------------------------------------------------
-    def routing_mask(self, attention_mask: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
-        """Positions that enter the max-pool: real prompt tokens (never padding or, for decoder-only
-        models, the label tokens appended to the prompt during training)."""
-        if self.sapt_config.pool_padding:
-            mask = None
-        else:
-            mask = attention_mask
-        if labels is not None and not self.sapt_config.is_encoder_decoder:
-            prompt = labels.eq(IGNORE_INDEX)
-            prompt = prompt if mask is None else mask.bool() & prompt
-            # A row trained on its whole sequence (labels == input_ids) has no prompt: pool all of it.
-            has_prompt = prompt.any(dim=1, keepdim=True)
-            fallback = torch.ones_like(prompt) if mask is None else mask.bool()
-            mask = torch.where(has_prompt, prompt, fallback)
-        return mask
-
+    # ---- routing (computed by sapt.router; the model gives it the embeddings and the prompt) ---------
     def routing_logits(
         self,
         input_ids: torch.Tensor | None = None,
@@ -187,27 +171,25 @@ class SaptModel(nn.Module):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) scores <k_j, q(x)> / tau, blocks oldest first. Runs only embeddings -> router."""
+        """(B, T) scores <k_j, q(x)> / tau, blocks oldest first, pooled over the prompt (sapt.router).
+        Runs only embeddings -> router. Weights and log-weights are both taken from these."""
         if self.router is None:
             raise RuntimeError(f"{self.sapt_config.method} has no router")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        pooled = max_pool(inputs_embeds, self.routing_mask(attention_mask, labels))  # (B, d)
-        return self.router(pooled)
+        config = self.sapt_config
+        mask = pooled_positions(
+            attention_mask, labels, pool_padding=config.pool_padding, decoder_only=not config.is_encoder_decoder
+        )
+        return routing_logits(self.router, inputs_embeds, mask)
 
-    def routing_weights(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(B, T) routing distribution a(x), blocks oldest first."""
+    def routing_weights(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None) -> torch.Tensor:
+        """(B, T) routing distribution a(x) of routing_logits' inputs, blocks oldest first."""
         reference = input_ids if input_ids is not None else inputs_embeds
         if self.router is None or self.num_blocks == 1:
             # Summed blocks (or a one-entry softmax: a == 1, and the router gets no gradient).
             return torch.ones(reference.shape[0], self.num_blocks, device=reference.device)
-        return self.routing_logits(input_ids, attention_mask, labels, inputs_embeds).softmax(dim=-1)
+        return to_weights(self.routing_logits(input_ids, attention_mask, labels, inputs_embeds))
 
     # ---- running --------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from .router import to_log_weights
+
 
 def own_block_loss(model, inputs: dict) -> torch.Tensor | None:
     """-mean log a_t(x) of the batch's inputs, t the newest block (None: nothing to route between)."""
     if model.router is None or model.num_blocks < 2:
         return None
     logits = model.routing_logits(inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"))
-    return -logits.log_softmax(dim=-1)[:, -1].mean()
+    return -to_log_weights(logits)[:, -1].mean()

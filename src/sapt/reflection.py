@@ -14,12 +14,11 @@ whole batch, N processes with 1/N of it, and gradient accumulation all take the 
 
 from __future__ import annotations
 
-import contextlib
-from functools import partial
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from .router import to_log_weights
 
 
 def arm_target(routing_mean: list[float], num_blocks: int, floor: float = 0.0) -> torch.Tensor:
@@ -82,14 +81,10 @@ class AttentiveReflection:
 
     def __init__(
         self, pseudo_sets, routing_means: list[list[float]], collator, batch_size: int, num_blocks: int, *,
-        rows=None, pool_all: bool = False, autocast_dtype: torch.dtype | None = None, first_step: int = 0,
-        target_floor: float = 0.0,
+        first_step: int = 0, target_floor: float = 0.0,
     ):
         """No term before optimizer step `first_step` (a warm-up: the new block learns before ARM pulls the
-        router); `target_floor` mixes every target with the uniform distribution (arm_target).
-        Release-exact options (sapt.training.release_training): `rows(task, position)` picks each pseudo
-        batch's rows instead of the step's window; `pool_all` max-pools over every position (padding too);
-        `autocast_dtype` computes the KL under autocast against a target of that dtype."""
+        router); `target_floor` mixes every target with the uniform distribution (arm_target)."""
         if len(pseudo_sets) != len(routing_means):
             raise ValueError("one pseudo set per routing mean")
         empty = [i for i, rows in enumerate(pseudo_sets) if len(rows) == 0]
@@ -99,9 +94,6 @@ class AttentiveReflection:
         self.pseudo_sets = pseudo_sets
         self.collator = collator
         self.batch_size = batch_size
-        self.rows = rows or (lambda task, position: window_rows(len(self.pseudo_sets[task]), batch_size, position))
-        self.pool_all = pool_all
-        self.autocast_dtype = autocast_dtype
         self.first_step = first_step
 
     def loss(self, model, position) -> torch.Tensor | None:
@@ -113,28 +105,21 @@ class AttentiveReflection:
             total = total + self.task_loss(task, model, position)
         return total
 
-    def task_terms(self) -> list:
-        """One term per earlier task, each called as term(model, position): the release backpropagates each alone."""
-        return [partial(self.task_loss, task) for task in range(len(self.targets))]
-
     def task_loss(self, task: int, model, position) -> torch.Tensor | None:
         """KL(target_task || a(x̃)) averaged over this micro-batch's pseudo rows of earlier task `task`."""
         if position.step < self.first_step:
             return None
         rows = self.pseudo_sets[task]
         batch = self.collator([rows[i] for i in self.rows(task, position)])
-        mask = None if self.pool_all else batch["attention_mask"].to(model.device)
-        with self._precision(model):
-            logits = model.routing_logits(batch["input_ids"].to(model.device), mask)  # (B, T)
-            log_probs = logits.log_softmax(dim=-1)
-            target = self.targets[task]
-            if self.autocast_dtype is None:
-                expanded = target.to(log_probs).expand_as(log_probs)
-            else:  # the release keeps ā in bf16
-                expanded = target.to(device=log_probs.device, dtype=self.autocast_dtype).expand_as(log_probs)
-            return F.kl_div(log_probs, expanded, reduction="batchmean")
+        return self.kl(model, batch, self.targets[task])
 
-    def _precision(self, model):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(model.device.type, dtype=self.autocast_dtype)
+    def rows(self, task: int, position) -> list[int]:
+        """The pseudo rows of earlier task `task` this micro-batch reads: its slice of the step's window."""
+        return window_rows(len(self.pseudo_sets[task]), self.batch_size, position)
+
+    def kl(self, model, batch: dict, target: torch.Tensor) -> torch.Tensor:
+        """KL(target || a(x)) averaged over the batch's inputs, a(x) the routing of the model's forward
+        (sapt.router: pooled over the inputs' real tokens)."""
+        mask = batch["attention_mask"].to(model.device)
+        log_weights = to_log_weights(model.routing_logits(batch["input_ids"].to(model.device), mask))  # (B, T)
+        return F.kl_div(log_weights, target.to(log_weights).expand_as(log_weights), reduction="batchmean")

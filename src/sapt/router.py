@@ -1,8 +1,13 @@
 """Shared Attentive Learning & Selection: one routing distribution per input (docs/methods.md).
 
-    e(x) = max over positions of E(x)
+    e(x) = max over the prompt's positions of E(x)
     q(x) = LayerNorm(SiLU(W_up W_down e(x)))
-    a(x) = softmax_j <k_j, q(x)> / tau
+    s(x) = <k_j, q(x)> / tau
+    a(x) = softmax_j s(x),   log a(x) = log_softmax_j s(x)
+
+This module computes all of it: which positions are pooled, the pooling, the scores, the weights and
+the log-weights. Weights and log-weights both derive from `routing_logits`, so the distribution ARM's
+KL and the own-block loss compare is the one the forward mixes the blocks with (sapt.model).
 """
 
 from __future__ import annotations
@@ -12,6 +17,24 @@ from torch import nn
 
 from .utils.zero3 import gathered
 
+IGNORE_INDEX = -100  # the label of a position that is not predicted (prompt, padding): HF's convention
+
+
+def pooled_positions(
+    attention_mask: torch.Tensor | None, labels: torch.Tensor | None, *, pool_padding: bool, decoder_only: bool
+) -> torch.Tensor | None:
+    """Positions that enter the max-pool: real prompt tokens (never padding or, for decoder-only
+    models, the label tokens appended to the prompt during training). None: every position."""
+    mask = None if pool_padding else attention_mask
+    if labels is not None and decoder_only:
+        prompt = labels.eq(IGNORE_INDEX)
+        prompt = prompt if mask is None else mask.bool() & prompt
+        # A row trained on its whole sequence (labels == input_ids) has no prompt: pool all of it.
+        has_prompt = prompt.any(dim=1, keepdim=True)
+        fallback = torch.ones_like(prompt) if mask is None else mask.bool()
+        mask = torch.where(has_prompt, prompt, fallback)
+    return mask
+
 
 def max_pool(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(B, L, d) -> (B, d), ignoring positions where mask is 0 (pass None to pool over everything)."""
@@ -20,6 +43,22 @@ def max_pool(embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     keep = mask.bool().unsqueeze(-1)
     lowest = torch.finfo(embeddings.dtype).min
     return embeddings.masked_fill(~keep, lowest).amax(dim=1)
+
+
+def routing_logits(router: Router, embeddings: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T) scores s(x) of the embeddings (B, L, d) max-pooled over `mask` (pooled_positions), blocks
+    oldest first: what both the weights and the log-weights are taken from."""
+    return router(max_pool(embeddings, mask))
+
+
+def to_weights(logits: torch.Tensor) -> torch.Tensor:
+    """a(x): the routing distribution over blocks of routing_logits' scores."""
+    return logits.softmax(dim=-1)
+
+
+def to_log_weights(logits: torch.Tensor) -> torch.Tensor:
+    """log a(x), computed stably from the same scores (what ARM's KL and the own-block loss read)."""
+    return logits.log_softmax(dim=-1)
 
 
 class Router(nn.Module):
@@ -37,14 +76,6 @@ class Router(nn.Module):
         self.temperature = temperature
         self.register_buffer("past_keys", torch.zeros(0, hidden_size))  # (T_old, d)
         self.key: nn.Parameter | None = None  # (d,), the current task's
-
-    def init_query_net_normal(self, std: float, generator: torch.Generator | None = None) -> None:
-        """Redraw the two linear layers from N(0, std), drawn on the CPU (the LayerNorm keeps its init):
-        the release's LLaMA init applied the backbone's `_init_weights` to them (sapt.training.release_exact)."""
-        with torch.no_grad():
-            for linear in (self.query_net[0], self.query_net[1]):
-                drawn = torch.empty(linear.weight.shape).normal_(0.0, std, generator=generator)
-                linear.weight.copy_(drawn)
 
     @property
     def num_keys(self) -> int:

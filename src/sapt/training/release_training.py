@@ -1,23 +1,33 @@
 """Release-exact training: what a task step does with the switches of sapt.training.release_exact.
 
 The release's training-step count and evaluation schedule, its stream of micro-batches, its
-cross-entropy and its pseudo-row sampler; `ReleaseMode` gathers them for sapt.train_task (and the
-tokenisation for sapt.evaluate). The per-backward optimizer stepping is in sapt.training.release_stepping.
+cross-entropy (ReleaseTrainer), its ARM (ReleaseReflection: its pseudo-row sampler, pooling and
+precision) and its query-network init. `ReleaseMode` is the release-exact recipe (sapt.training.recipe):
+sapt.train_task chooses it once, with `training_recipe`, when any release behaviour is on, and the
+default path never asks about the release again (sapt.evaluate reads its tokenisation). The
+per-backward optimizer stepping is in sapt.training.release_stepping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
 from ..model import IGNORE_INDEX
+from ..reflection import AttentiveReflection
+from ..router import to_log_weights
+from .recipe import TrainingRecipe
 from .release_exact import ReleaseArgumentError, ReleaseSwitches, resolve_switches
+from .trainer import LossTerm, SaptTrainer
 
 logger = logging.getLogger("sapt")
 
@@ -141,18 +151,61 @@ def release_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, groups: in
 
 @dataclass
 class ReleaseTraining:
-    """What SaptTrainer does differently in release-exact mode (each None: as the method describes)."""
+    """What the Trainer does differently in release-exact mode (each None: as the method describes)."""
 
     decoder_only: bool
     train_batches: ReleaseStream | None = None  # the release's micro-batch stream (eval_schedule)
     ce_groups: int | None = None  # CE as the mean of this many per-process means / GA (ce_mean_of_means)
     stepping: object | None = None  # a release_stepping.PerBackwardStepping (per_backward_steps)
+    evaluation: ReleaseEvaluation | None = None  # evaluation at the release's points only (eval_schedule)
 
     def cross_entropy(self, outputs, labels: torch.Tensor) -> torch.Tensor:
         """This micro-batch's CE as the release's processes computed it (not yet divided by GA)."""
         if self.ce_groups == 1:
             return outputs.loss  # the model's own mean over the micro-batch's label tokens
         return release_cross_entropy(outputs.logits, labels, self.ce_groups, self.decoder_only)
+
+
+class ReleaseTrainer(SaptTrainer):
+    """SaptTrainer training as the release did (`release`: a ReleaseTraining; None trains as SaptTrainer):
+    its stream of micro-batches, its cross-entropy, and its per-backward optimizer stepping."""
+
+    def __init__(self, *args, release: ReleaseTraining | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = release if release is not None else ReleaseTraining(decoder_only=False)
+        if self.release.stepping is not None:
+            self.checkpoint_parts.append(self.release.stepping)  # its micro-step counter survives a resume
+
+    def cross_entropy_share(self, outputs, inputs, num_items_in_batch):
+        if self.release.ce_groups is None:
+            return super().cross_entropy_share(outputs, inputs, num_items_in_batch)
+        return self.release.cross_entropy(outputs, inputs["labels"]) / self.args.gradient_accumulation_steps
+
+    def add_terms(self, model, inputs, loss):
+        if self.release.stepping is not None:  # the stepping backpropagates each term alone
+            return loss
+        return super().add_terms(model, inputs, loss)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.release.stepping is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        return self.release.stepping.training_step(self, model, inputs, num_items_in_batch)
+
+    def get_train_dataloader(self):
+        """The release's stream of micro-batches, when its schedule is on."""
+        if self.release.train_batches is None:
+            return super().get_train_dataloader()
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=self.release.train_batches, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.release.stepping is not None:  # the Trainer's own once-per-step optimizer.step() does nothing
+            self.optimizer = self.release.stepping.take_over(optimizer)
+        return self.optimizer
 
 
 # ---- the release's pseudo-row sampler ---------------------------------------------------------------
@@ -205,23 +258,78 @@ class ReshuffledPseudoRows:
         torch.randperm(size, generator=self._generator)
 
 
-# ---- one task's release-exact set-up (sapt.train_task) -----------------------------------------------
+class ReleaseReflection(AttentiveReflection):
+    """ARM as the release computed it. `rows(task, position)` picks each pseudo batch's rows instead of the
+    step's window (ReshuffledPseudoRows.rows); `pool_all` max-pools over every position (padding too);
+    `autocast_dtype` computes the KL under autocast against a target of that dtype. None of them: ARM as
+    AttentiveReflection computes it."""
+
+    def __init__(self, *args, rows=None, pool_all: bool = False, autocast_dtype: torch.dtype | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sampled_rows = rows
+        self.pool_all = pool_all
+        self.autocast_dtype = autocast_dtype
+
+    def rows(self, task: int, position) -> list[int]:
+        if self.sampled_rows is None:
+            return super().rows(task, position)
+        return self.sampled_rows(task, position)
+
+    def task_terms(self) -> list:
+        """One term per earlier task, each called as term(model, position): the release backpropagates each alone."""
+        return [partial(self.task_loss, task) for task in range(len(self.targets))]
+
+    def kl(self, model, batch: dict, target: torch.Tensor) -> torch.Tensor:
+        mask = None if self.pool_all else batch["attention_mask"].to(model.device)
+        with self._precision(model):
+            log_weights = to_log_weights(model.routing_logits(batch["input_ids"].to(model.device), mask))  # (B, T)
+            if self.autocast_dtype is None:
+                expanded = target.to(log_weights).expand_as(log_weights)
+            else:  # the release keeps ā in bf16
+                expanded = target.to(device=log_weights.device, dtype=self.autocast_dtype).expand_as(log_weights)
+            return F.kl_div(log_weights, expanded, reduction="batchmean")
+
+    def _precision(self, model):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(model.device.type, dtype=self.autocast_dtype)
+
+
+def init_query_net_normal(router, std: float, generator: torch.Generator | None = None) -> None:
+    """Redraw the router's two linear layers from N(0, std), drawn on the CPU (the LayerNorm keeps its init):
+    the release's LLaMA init applied the backbone's `_init_weights` to them."""
+    with torch.no_grad():
+        for linear in (router.query_net[0], router.query_net[1]):
+            drawn = torch.empty(linear.weight.shape).normal_(0.0, std, generator=generator)
+            linear.weight.copy_(drawn)
+
+
+# ---- one task's release-exact recipe (sapt.train_task) ------------------------------------------------
+def training_recipe(args, is_encoder_decoder: bool, bf16: bool = False) -> TrainingRecipe:
+    """The recipe of a task step (SaptArguments): release-exact when any release behaviour is on, else the
+    paper's method (sapt.training.recipe)."""
+    release = ReleaseMode.from_arguments(args, is_encoder_decoder, bf16)
+    return release if release.switches.any else TrainingRecipe()
+
+
 @dataclass
-class ReleaseMode:
-    """The switches of one task step, with what they need: how many of the release's processes this
-    process stands for, the backbone family, and the evaluation period in epochs."""
+class ReleaseMode(TrainingRecipe):
+    """The release-exact recipe: the switches of one task step, with what they need: how many of the
+    release's processes this process stands for, the backbone family, the evaluation period in epochs,
+    and whether the Trainer runs in bf16."""
 
     switches: ReleaseSwitches
     processes: int = 1
     decoder_only: bool = False
     eval_every_epochs: int = RELEASE_EVAL_EVERY_EPOCHS
+    bf16: bool = False
 
     @classmethod
-    def from_arguments(cls, args, is_encoder_decoder: bool) -> ReleaseMode:
+    def from_arguments(cls, args, is_encoder_decoder: bool, bf16: bool = False) -> ReleaseMode:
         """From SaptArguments (release_exact, release_behaviours, release_processes, eval_every_epochs)."""
         switches = resolve_switches(args.release_exact, args.release_behaviours, is_encoder_decoder)
         return cls(switches, args.release_processes, not is_encoder_decoder,
-                   args.eval_every_epochs or RELEASE_EVAL_EVERY_EPOCHS)
+                   args.eval_every_epochs or RELEASE_EVAL_EVERY_EPOCHS, bf16)
 
     def apply_to_arguments(self, args) -> None:
         """Behaviours the project already has a flag for."""
@@ -237,33 +345,58 @@ class ReleaseMode:
             options["eos_survives_truncation"] = False
         return options
 
-    def arm_batch_size(self, per_device_batch: int) -> int:
-        """Every release process drew the same pseudo rows: ARM's batch is one process's share."""
-        return per_device_batch // self.processes
-
-    def reflection_options(self, pseudo_sizes: list[int], batch_size: int, seed: int, bf16: bool) -> dict:
-        """AttentiveReflection options for the release's ARM."""
-        first_step = 1 if self.switches.arm_from_second_step else 0
-        options = {"first_step": first_step, "pool_all": self.switches.pseudo_rows}
-        if self.switches.reshuffled_pseudo:
-            options["rows"] = ReshuffledPseudoRows(pseudo_sizes, batch_size, seed, first_step).rows
-        if self.switches.bf16_kl and bf16:
-            options["autocast_dtype"] = torch.bfloat16
-        return options
-
     def init_query_net(self, model, backbone_config, seed: int) -> None:
         """The release's LLaMA query network: N(0, initializer_range) linear layers (a new router only)."""
         if self.switches.query_init and model.router is not None:
             std = getattr(backbone_config, "initializer_range", 0.02)
-            model.router.init_query_net_normal(std, torch.Generator().manual_seed(seed))
+            init_query_net_normal(model.router, std, torch.Generator().manual_seed(seed))
 
-    def training(self, training_args, num_train: int) -> tuple[ReleaseTraining | None, TrainerCallback | None]:
-        """SaptTrainer's release-exact part and the evaluation callback. Under eval_schedule this sets
+    def pseudo_collator(self, train_collator, generation_collator):
+        """pseudo_rows: pseudo inputs collated as training rows (prompt + EOS)."""
+        return train_collator if self.switches.pseudo_rows else generation_collator
+
+    def arm_terms(self, args, pseudo_sets, routing_means, collator, batch_size: int, num_blocks: int,
+                  pseudo_tasks: list[str], seed: int) -> list[LossTerm]:
+        """The release's ARM; under per-backward stepping one term per earlier task (each backpropagated alone)."""
+        batch_size = batch_size // self.processes  # every release process drew the same pseudo rows: one share
+        first_step = 1 if self.switches.arm_from_second_step else 0
+        rows = None
+        if self.switches.reshuffled_pseudo:
+            rows = ReshuffledPseudoRows([len(pseudo) for pseudo in pseudo_sets], batch_size, seed, first_step).rows
+        autocast_dtype = torch.bfloat16 if self.switches.bf16_kl and self.bf16 else None
+        reflection = ReleaseReflection(
+            pseudo_sets, routing_means, collator, batch_size, num_blocks, first_step=first_step, rows=rows,
+            pool_all=self.switches.pseudo_rows, autocast_dtype=autocast_dtype,
+        )
+        if self.switches.per_backward_steps:
+            return [
+                LossTerm(f"arm/{task}", args.kl_ratio, lambda model, position, _, term=term: term(model, position))
+                for task, term in zip(pseudo_tasks, reflection.task_terms())
+            ]
+        return [LossTerm("arm", args.kl_ratio, lambda model, position, _: reflection.loss(model, position))]
+
+    def trainer(self, training_args, num_train: int, **kwargs) -> SaptTrainer:
+        """A ReleaseTrainer where the release trained differently (its schedule, CE or stepping)."""
+        release = self.training(training_args, num_train)
+        if release is None:
+            return super().trainer(training_args, num_train, **kwargs)
+        return ReleaseTrainer(args=training_args, release=release, **kwargs)
+
+    def add_evaluation(self, trainer: SaptTrainer, args) -> bool:
+        """Under eval_schedule: the release's points only, and no final evaluation."""
+        evaluation = trainer.release.evaluation if isinstance(trainer, ReleaseTrainer) else None
+        if evaluation is None:
+            return super().add_evaluation(trainer, args)
+        trainer.add_callback(evaluation)
+        return False
+
+    def training(self, training_args, num_train: int) -> ReleaseTraining | None:
+        """The Trainer's release-exact part (None: none). Under eval_schedule this sets
         training_args.max_steps to the release's step count and turns the Trainer's own evaluation and
-        saving off (the callback evaluates, and saves when saving was on, at the release's points)."""
+        saving off (the evaluation callback evaluates, and saves when saving was on, at the release's points)."""
         switches = self.switches
         if not (switches.eval_schedule or switches.ce_mean_of_means or switches.per_backward_steps):
-            return None, None
+            return None
         accumulation = training_args.gradient_accumulation_steps
         training = ReleaseTraining(decoder_only=self.decoder_only)
         if switches.ce_mean_of_means:
@@ -273,7 +406,7 @@ class ReleaseMode:
 
             training.stepping = PerBackwardStepping(accumulation, training_args.max_grad_norm)
         if not switches.eval_schedule:
-            return training, None
+            return training
         per_process = training_args.per_device_train_batch_size // self.processes
         schedule = release_schedule(
             num_train, per_process, self.processes, accumulation, training_args.num_train_epochs,
@@ -291,4 +424,5 @@ class ReleaseMode:
             "release schedule: %d steps, evaluation at %s (every %d), no final evaluation",
             schedule.total_steps, shown or "no step", schedule.eval_every,
         )
-        return training, ReleaseEvaluation(schedule.eval_every, saves)
+        training.evaluation = ReleaseEvaluation(schedule.eval_every, saves)
+        return training

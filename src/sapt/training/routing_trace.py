@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..router import to_weights
 from ..run_files import ROUTING_TRACE_FILE
 from ..utils.fileio import read_jsonl_prefix as read_trace
 from ..utils.fileio import write_text_atomic
@@ -45,7 +46,7 @@ def routing_summary(model, probes: dict[str, dict]) -> dict[str, dict]:
         ids = batch["input_ids"].to(model.device)
         mask = batch["attention_mask"].to(model.device)
         logits = model.routing_logits(ids, mask).float()  # (B, T)
-        weights = logits.softmax(dim=-1)
+        weights = to_weights(logits)
         centred = logits - logits.mean(dim=-1, keepdim=True)
         summary[task] = {
             "own_weight": weights[:, block].mean().item(),

@@ -41,7 +41,7 @@ from ..config import INIT_SCHEME, SaptConfig, release_temperature
 from ..methods.registry import get_method, resolve
 from ..model import SaptModel
 from ..own_block import own_block_loss
-from ..reflection import AttentiveReflection, mean_routing
+from ..reflection import mean_routing
 from ..run_files import (
     COMPLETE_FILE,
     RESULTS_FILE,
@@ -60,13 +60,14 @@ from .data import DataError, benchmark_of
 from .method_hooks import FrozenBlockTensors, training_batches
 from .metrics import compute_metrics
 from .prediction import TestPredictions, decode, generation_settings, predict_tests, write_predictions
-from .release_training import ReleaseMode
+from .recipe import TrainingRecipe
+from .release_training import training_recipe
 from .resume import checkpoint_step, latest_complete_checkpoint, remove_checkpoints
 from .task_args import SaptArguments, TaskPlan, launch_defaults, parse_task_arguments, plan, task_args_record
 from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
 from .router_pretraining import pretrain_router
 from .routing_trace import RoutingTrace
-from .trainer import EveryNEpochs, KeepBestTrainable, LossTerm, SaptTrainer, StopOnSignal
+from .trainer import KeepBestTrainable, LossTerm, SaptTrainer, StopOnSignal
 from .validation import validate_task_inputs
 
 logger = logging.getLogger("sapt")
@@ -131,10 +132,10 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
     """Seed; the model ready for this task; its data, loss terms, and a Trainer selecting on dev."""
     metric = benchmark_of(args.data_dir, args.task).metric  # the benchmark spec's (sapt.benchmark_spec)
     set_seed(training_args.seed)
-    tokenizer, model, earlier_dirs, release = load_model(args, training_args, task_plan)
+    tokenizer, model, earlier_dirs, recipe = load_model(args, training_args, task_plan)
     train_set, dev, tests, probes = load_training_data(args, task_plan, training_args.seed)
     lengths = {"max_source_length": args.max_source_length, "max_target_length": args.max_target_length}
-    tokenization = release.collator_options(tokenizer)
+    tokenization = recipe.collator_options(tokenizer)
     is_encoder_decoder = model.sapt_config.is_encoder_decoder
     train_collator = Collator(tokenizer, is_encoder_decoder, **lengths, **tokenization)
     generation_collator = Collator(tokenizer, is_encoder_decoder, **lengths, for_generation=True, **tokenization)
@@ -142,14 +143,13 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
         args, model, task_plan, train_set, train_collator, training_args.per_device_train_batch_size
     )
     terms = training_terms(
-        args, model, task_plan, earlier_dirs, train_collator if release.switches.pseudo_rows else generation_collator,
-        training_args.per_device_train_batch_size, training_args.seed, release if release.switches.any else None,
-        training_args.bf16,
+        args, model, task_plan, earlier_dirs, recipe.pseudo_collator(train_collator, generation_collator),
+        training_args.per_device_train_batch_size, training_args.seed, recipe,
     )
-    release_training, release_evaluation = release.training(training_args, len(train_set))
-    trainer = SaptTrainer(
+    trainer = recipe.trainer(
+        training_args,
+        len(train_set),
         model=model,
-        args=training_args,
         train_dataset=train_set,
         eval_dataset=dev,
         data_collator=train_collator,
@@ -159,9 +159,8 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
         router_learning_rate=args.router_learning_rate,
         generation_kwargs=generation_settings(training_args.generation_max_length, training_args.generation_num_beams),
         checkpoint_parts=hook_parts,
-        release=release_training,
     )
-    selection, evaluates = add_model_selection(trainer, args, metric, release_evaluation)
+    selection, evaluates = add_model_selection(trainer, args, metric, recipe)
     trace = add_routing_trace(trainer, model, probes, generation_collator, args.routing_trace_every) if probes else None
     return TaskStep(
         args, training_args, task_plan, Path(training_args.output_dir), metric, tokenizer, model, earlier_dirs,
@@ -170,21 +169,22 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
 
 
 def load_model(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_plan: TaskPlan):
-    """(tokenizer, model ready to learn this task, earlier blocks' folders, release-exact mode)."""
+    """(tokenizer, model ready to learn this task, earlier blocks' folders, the recipe it trains by)."""
     hf_config = AutoConfig.from_pretrained(args.model_name_or_path)
     tokenizer = load_tokenizer(args.model_name_or_path, bool(hf_config.is_encoder_decoder))
-    release = ReleaseMode.from_arguments(args, bool(hf_config.is_encoder_decoder))  # all off by default
-    release.apply_to_arguments(args)
+    # Chosen once: the paper's method, or release-exact mode when any of its behaviours is on.
+    recipe = training_recipe(args, bool(hf_config.is_encoder_decoder), training_args.bf16)
+    recipe.apply_to_arguments(args)
     init_deepspeed_comm(training_args)  # before loading: ZeRO-3 partitions the backbone as it loads
     backbone = load_backbone(args.model_name_or_path)
     model, earlier_dirs = build_model(args, backbone, task_plan, training_args.seed)
     if not task_plan.continues:  # a new router (later tasks carry the query network over)
-        release.init_query_net(model, hf_config, training_args.seed)
+        recipe.init_query_net(model, hf_config, training_args.seed)
     logger.info(
         "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
         len(task_plan.order), args.task, model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()),
     )
-    return tokenizer, model, earlier_dirs, release
+    return tokenizer, model, earlier_dirs, recipe
 
 
 def build_model(args: SaptArguments, backbone, task_plan: TaskPlan, seed: int) -> tuple[SaptModel, list[Path]]:
@@ -236,8 +236,11 @@ def start_method_hooks(args, model, task_plan, train_set, collator, batch_size):
     return hooks, hook_batches, [FrozenBlockTensors(model)]
 
 
-def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, seed, release=None, bf16=False):
-    """The weighted loss terms added to CE for this method (LossTerm, called as fn(model, position, inputs))."""
+def training_terms(
+    args, model, task_plan, earlier_dirs, collator, batch_size, seed, recipe: TrainingRecipe | None = None
+):
+    """The weighted loss terms added to CE for this method (LossTerm, called as fn(model, position, inputs));
+    ARM's as the recipe computes it (default: the paper's)."""
     method = get_method(args.method)
     terms = [method_term(spec, args) for spec in method.loss_terms]  # O-LoRA's, say
     if method.routed and task_plan.position > 0:  # a remedy (docs/router.md): off by default
@@ -246,21 +249,10 @@ def training_terms(args, model, task_plan, earlier_dirs, collator, batch_size, s
     if not pseudo:  # no ARM in this step (see sapt.training.task_args.reflects)
         return terms
     means = load_arm_targets(task_plan, earlier_dirs)
-    if release is None:
-        reflection = AttentiveReflection(
-            pseudo, means, collator, batch_size, model.num_blocks,
-            first_step=args.arm_warmup_steps, target_floor=args.arm_target_floor,
-        )
-        return terms + [LossTerm("arm", args.kl_ratio, lambda model, position, _: reflection.loss(model, position))]
-    batch_size = release.arm_batch_size(batch_size)
-    options = release.reflection_options([len(rows) for rows in pseudo], batch_size, seed, bf16)
-    reflection = AttentiveReflection(pseudo, means, collator, batch_size, model.num_blocks, **options)
-    if release.switches.per_backward_steps:  # the release backpropagates each earlier task's KL alone
-        return [
-            LossTerm(f"arm/{task}", args.kl_ratio, lambda model, position, _, term=term: term(model, position))
-            for task, term in zip(task_plan.pseudo_tasks, reflection.task_terms())
-        ]
-    return [LossTerm("arm", args.kl_ratio, lambda model, position, _: reflection.loss(model, position))]
+    recipe = recipe or TrainingRecipe()
+    return terms + recipe.arm_terms(
+        args, pseudo, means, collator, batch_size, model.num_blocks, task_plan.pseudo_tasks, seed
+    )
 
 
 def method_term(spec, args) -> LossTerm:
@@ -281,19 +273,13 @@ def dev_scorer(tokenizer, dev_references: list[str]):
     return dev_metrics
 
 
-def add_model_selection(trainer: SaptTrainer, args: SaptArguments, metric: str, release_evaluation):
-    """Keep the best-on-dev weights, at the points the set-up evaluates. Returns (the selection, whether
+def add_model_selection(trainer: SaptTrainer, args: SaptArguments, metric: str, recipe: TrainingRecipe):
+    """Keep the best-on-dev weights, at the points the recipe evaluates. Returns (the selection, whether
     the Trainer's own evaluation is on)."""
     selection = KeepBestTrainable(trainer.model, metric)
     trainer.add_callback(selection)
     trainer.checkpoint_parts.append(selection)  # the best-on-dev snapshot survives a resume
-    training_args = trainer.args
-    if release_evaluation is not None:  # the release's points only, and no final evaluation
-        trainer.add_callback(release_evaluation)
-    elif args.eval_every_epochs:
-        # save_strategy as the trainer left it (it turns checkpoints off under DeepSpeed)
-        trainer.add_callback(EveryNEpochs(args.eval_every_epochs, save=training_args.save_strategy != "no"))
-    evaluates = release_evaluation is None and (training_args.eval_strategy != "no" or bool(args.eval_every_epochs))
+    evaluates = recipe.add_evaluation(trainer, args)
     return selection, evaluates
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from transformers import PrinterCallback, Trainer, TrainerCallback
 from transformers.trainer_utils import SaveStrategy
 
@@ -93,13 +92,9 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         router_learning_rate: float | None = None,
         generation_kwargs: dict | None = None,
         checkpoint_parts: list = (),
-        release=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        # Release-exact training (sapt.training.release_training.ReleaseTraining): its micro-batch stream, its
-        # cross-entropy and its per-backward optimizer stepping; None trains the method as described.
-        self.release = release
         self.generation_collator = generation_collator
         self.regularizers = [term for term in regularizers if term.weight]
         self.term_log = TermLog()
@@ -108,8 +103,6 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         self.generation_kwargs = generation_kwargs or {}
         # Objects with save(dir)/load(dir) whose state must survive a resume (model selection, ARM position).
         self.checkpoint_parts = list(checkpoint_parts) + [self.term_log]
-        if self._stepping is not None:
-            self.checkpoint_parts.append(self._stepping)  # its micro-step counter survives a resume
         # Makes the Trainer count the label tokens of each optimizer step (compute_loss uses the count);
         # the model itself is never given that count.
         self.model_accepts_loss_kwargs = True
@@ -135,44 +128,34 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         loss = outputs.loss  # mean over this micro-batch's label tokens
         if model.training:
             self.term_log.add("ce", loss)
-        steps = self.current_gradient_accumulation_steps if model.training else 1
-        if model.training and self.release is not None and self.release.ce_groups is not None:
-            loss = self.release.cross_entropy(outputs, inputs["labels"]) / self.args.gradient_accumulation_steps
-        elif num_items_in_batch is not None and model.training:
-            local_tokens = inputs["labels"].ne(IGNORE_INDEX).sum()
-            loss = loss * local_tokens / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
-        else:
-            loss = loss / steps
-        if model.training and self.regularizers and self._stepping is None:  # stepping backpropagates each
-            sapt_model = self.accelerator.unwrap_model(model)
-            position = self._next_position()
-            for term in self.regularizers:
-                value = term.fn(sapt_model, position, inputs)
-                if value is not None:  # None: inactive here (a warm-up; the release's ARM skips step 1)
-                    self.term_log.add(term.name, value)
-                    loss = loss + term.weight * value / steps
+            loss = self.add_terms(model, inputs, self.cross_entropy_share(outputs, inputs, num_items_in_batch))
         return (loss, outputs) if return_outputs else loss
 
-    @property
-    def _stepping(self):
-        return None if self.release is None else self.release.stepping
+    def cross_entropy_share(self, outputs, inputs, num_items_in_batch):
+        """This micro-batch's CE as its share of the step's mean over every label token (the Trainer's
+        count), or without a count its mean divided by the accumulation steps."""
+        loss = outputs.loss
+        if num_items_in_batch is None:
+            return loss / self.current_gradient_accumulation_steps
+        local_tokens = inputs["labels"].ne(IGNORE_INDEX).sum()
+        loss = loss * local_tokens / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
+        return loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._stepping is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        return self._stepping.training_step(self, model, inputs, num_items_in_batch)
-
-    def get_train_dataloader(self):
-        """The release's stream of micro-batches when release-exact training gives one (sapt.training.release_training)."""
-        if self.release is None or self.release.train_batches is None:
-            return super().get_train_dataloader()
-        loader = DataLoader(
-            self.train_dataset, batch_sampler=self.release.train_batches, collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory,
-        )
-        return self.accelerator.prepare(loader)
+    def add_terms(self, model, inputs, loss):
+        """`loss` plus each weighted extra term of this micro-batch, divided by the accumulation steps."""
+        if not self.regularizers:
+            return loss
+        steps = self.current_gradient_accumulation_steps
+        sapt_model = self.accelerator.unwrap_model(model)
+        position = self._next_position()
+        for term in self.regularizers:
+            value = term.fn(sapt_model, position, inputs)
+            if value is not None:  # None: inactive here (ARM before its first step)
+                self.term_log.add(term.name, value)
+                loss = loss + term.weight * value / steps
+        return loss
 
     def _next_position(self) -> StepPosition:
         step, seen = self._micro_batch
@@ -184,12 +167,6 @@ class SaptTrainer(PickleFreeCheckpoints, Trainer):
         )
 
     def create_optimizer(self, model=None):
-        optimizer = self._create_grouped_optimizer(model)
-        if self._stepping is not None:  # the Trainer's own once-per-step optimizer.step() does nothing
-            self.optimizer = self._stepping.take_over(optimizer)
-        return self.optimizer
-
-    def _create_grouped_optimizer(self, model=None):
         if self.router_learning_rate is None or self.optimizer is not None:
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
