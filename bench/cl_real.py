@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     if not (model / "config.json").is_file():
         raise SystemExit(
             f"cl_real.py: error: {model}: no model folder; write it with `make model` "
-            "(python -m sapt.backbone convert-gguf --out models/smollm2-135m)"
+            "(python -m sapt backbone convert-gguf --out models/smollm2-135m)"
         )
     workdir = Path(absolute(args.workdir))
     workdir.mkdir(parents=True, exist_ok=True)

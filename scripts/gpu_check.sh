@@ -15,7 +15,7 @@ $PYTHON bench/speed.py --device cuda --bf16 --models t5,llama,smollm2 --repeats 
 bench_status=${PIPESTATUS[0]}
 
 echo "== quick SAPT pipeline on the GPU in bf16 =="
-$PYTHON -m sapt.prepare_data --synthetic --dest "$WORK" > /dev/null 2>&1 || true
+$PYTHON -m sapt prepare_data --synthetic --dest "$WORK" > /dev/null 2>&1 || true
 DATA=${SAPT_DATA_SOURCE:-$WORK}
 $PYTHON gen_script_long_t5.py --quick --run_name gpu_check --workdir "$WORK" --output "$WORK/gpu_check.sh" \
     --data_dir "$DATA/CL_Benchmark" --gen_data_root "$DATA/generated_data" --set bf16=true > /dev/null

@@ -38,7 +38,7 @@ def run_task(launcher, model, family, outputs, position, per_device_batch, *extr
     # near-zero gradients into steps of size lr); AdamW runs at a small rate for the same reason.
     learning_rate = {"sgd": "0.5", "adamw_torch": "0.002"}[optimizer]
     command = launcher + [
-        "-m", "sapt.train_task", "--model_name_or_path", str(model), "--data_dir", str(BENCHMARK),
+        "-m", "sapt", "train_task", "--model_name_or_path", str(model), "--data_dir", str(BENCHMARK),
         "--task_order", ",".join(TASKS), "--task", task, "--output_dir", str(outputs / f"{position}-{task}"),
         "--gen_data_dir", str(GENERATED / f"lora_gen_superni_{family}"),
         "--max_train_samples", "16", "--max_eval_samples", "6", "--max_predict_samples", "6",

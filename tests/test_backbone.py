@@ -1,4 +1,4 @@
-"""Tests for `python -m sapt.backbone convert-gguf` (sapt.backbone.convert_gguf and main).
+"""Tests for `python -m sapt backbone convert-gguf` (sapt.backbone.convert_gguf and main).
 
 A tiny random LLaMA (and a tiny Qwen2, with q/k/v biases) is written as a float32 GGUF file with
 `gguf.GGUFWriter`, using llama.cpp's tensor names and metadata keys and a byte-level BPE tokenizer
@@ -194,7 +194,7 @@ def run_main(capsys, *argv: str) -> tuple[int, list[str]]:
 
 def assert_one_error_line(lines: list[str], *fragments: str) -> None:
     assert len(lines) == 1, lines
-    assert lines[0].startswith("sapt.backbone: error: ")
+    assert lines[0].startswith("sapt backbone: error: ")
     for fragment in fragments:
         assert fragment in lines[0]
 
@@ -370,7 +370,7 @@ def test_a_gguf_lacking_a_tensor_is_refused_not_filled_with_random_weights(tmp_p
     code, lines = run_main(capsys, "--out", str(tmp_path / "out"), "--gguf", str(path))
     assert code == 2  # transformers' loading progress comes first; the error is the last line, and alone
     assert_one_error_line([l for l in lines if "error" in l], str(path), "model.layers.1.mlp.down_proj.weight")
-    assert lines[-1].startswith("sapt.backbone: error: ")
+    assert lines[-1].startswith("sapt backbone: error: ")
     assert not (tmp_path / "out").exists()
     assert_no_staging(tmp_path / "out")
 

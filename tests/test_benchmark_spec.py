@@ -206,7 +206,7 @@ def test_a_task_step_on_a_benchmark_of_ones_own_selects_and_is_scored_by_its_met
         "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2, "max_source_length": 64,
         "generation_max_length": 4, "lora_r": 2, "seed": 7, "disable_tqdm": True,
     }))
-    done = subprocess.run([sys.executable, "-m", "sapt.train_task", str(config)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "sapt", "train_task", str(config)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((outputs / "1-alpha_qa" / "all_results.json").read_text())

@@ -79,7 +79,7 @@ def test_zero2_on_two_processes_saves_what_one_plain_process_saves(tiny_models, 
 
 def test_o_lora_under_zero3_is_refused_in_one_line(tiny_models, tmp_path):
     command = [
-        sys.executable, "-m", "sapt.train_task", "--model_name_or_path", str(tiny_models["llama"]),
+        sys.executable, "-m", "sapt", "train_task", "--model_name_or_path", str(tiny_models["llama"]),
         "--data_dir", str(BENCHMARK), "--task_order", ",".join(TASKS), "--task", TASKS[0],
         "--output_dir", str(tmp_path / "out"), "--method", "o_lora", "--deepspeed", str(ZERO[3]),
     ]

@@ -1,5 +1,5 @@
 """sapt.evaluate: re-evaluating a finished run with its routing replaced, on a tiny two-task run trained
-here with `python -m sapt.train_task`; and the proof that default evaluation never reads task identity."""
+here with `python -m sapt train_task`; and the proof that default evaluation never reads task identity."""
 
 import importlib.util
 import json
@@ -50,7 +50,7 @@ def run(tiny_models, tmp_path_factory):
         config = configs / f"{position}-{TASKS[position - 1]}.json"
         config.write_text(json.dumps(step_arguments(tiny_models["llama"], outputs, position)))
         done = subprocess.run(
-            [sys.executable, "-m", "sapt.train_task", str(config)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600
+            [sys.executable, "-m", "sapt", "train_task", str(config)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600
         )
         assert done.returncode == 0, done.stderr[-3000:]
     return root / "run", configs
@@ -172,7 +172,7 @@ def test_mistakes_are_one_line_and_write_nothing(run, tmp_path, capsys):
     assert evaluate.main([str(plain), "--routing", "oracle"]) == 2
     assert evaluate.main([str(run_dir), "--routing", "oracle", "--batch_size", "0"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 4 and all(line.startswith("sapt.evaluate: error: ") for line in errors)
+    assert len(errors) == 4 and all(line.startswith("sapt evaluate: error: ") for line in errors)
     assert "no run here" in errors[0] and "unknown routing 'best'" in errors[1]
     assert "'seq_lora' has no router" in errors[2]
     assert not (plain / "routing").exists() and not (tmp_path / "nowhere").exists()

@@ -1,4 +1,4 @@
-"""`python -m sapt.export`: SAPT blocks as stock PEFT adapters, checked against the SAPT model's own logits."""
+"""`python -m sapt export`: SAPT blocks as stock PEFT adapters, checked against the SAPT model's own logits."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def test_readme_reports_measured_ap_and_the_command_for_the_rest(scored_run, tmp
     assert ap_cell(readme, "own block") == f"{(60 + 70 + 80) / 3:.2f}"
     assert ap_cell(readme, "fixed") == "not measured"
     run_dir = scored_run.parent.resolve()
-    assert f"`python -m sapt.evaluate {run_dir} --routing mean --config PIPELINE_DIR`" in readme
+    assert f"`python -m sapt evaluate {run_dir} --routing mean --config PIPELINE_DIR`" in readme
 
     # Up to task 2: the AP of the second row; with task_args.json recorded the command needs no --config.
     for task_dir in scored_run.glob("*-task*"):
@@ -173,7 +173,7 @@ def test_readme_reports_measured_ap_and_the_command_for_the_rest(scored_run, tmp
     readme = (export.export_run(str(scored_run / "2-task2"), tmp_path / "two") / export.README_FILE).read_text()
     assert ap_cell(readme, "SAPT") == f"{(30 + 50) / 2:.2f}"
     assert ap_cell(readme, "own block") == f"{(45 + 55) / 2:.2f}"
-    assert f"`python -m sapt.evaluate {run_dir} --routing mean`" in readme
+    assert f"`python -m sapt evaluate {run_dir} --routing mean`" in readme
 
 
 def test_measure_evaluates_only_the_missing_routings(scored_run, tmp_path, monkeypatch):
@@ -202,7 +202,7 @@ def test_a_failed_measurement_is_one_line_and_writes_nothing(scored_run, tmp_pat
     assert export.main([str(scored_run), "--out", str(tmp_path / "out"), "--measure"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     missing = scored_run.parent.resolve() / "outputs" / "1-task1" / "task_args.json"
-    assert err == [f"sapt.export: error: --measure, routing mean: {missing}: task arguments file is missing"]
+    assert err == [f"sapt export: error: --measure, routing mean: {missing}: task arguments file is missing"]
     assert not (tmp_path / "out").exists()
 
 
@@ -238,10 +238,10 @@ def test_non_empty_out_is_refused_by_the_command(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     result = subprocess.run(
-        [sys.executable, "-m", "sapt.export", str(outputs), "--out", str(out)],
+        [sys.executable, "-m", "sapt", "export", str(outputs), "--out", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"sapt.export: error: {out}: output folder is not empty; choose a new one"]
+    assert result.stderr.strip().splitlines() == [f"sapt export: error: {out}: output folder is not empty; choose a new one"]
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]

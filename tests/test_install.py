@@ -111,7 +111,7 @@ def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed,
     script = work / "scripts" / "generated" / f"{RUN}.sh"
     assert generate.stdout.strip().splitlines()[-1] == str(script)
     text = script.read_text()
-    assert f"\ncd {work}\nPYTHON={python}\n" in text and '"$PYTHON" -m sapt.score "$RUN"\n' in text
+    assert f"\ncd {work}\nPYTHON={python}\n" in text and '"$PYTHON" -m sapt score "$RUN"\n' in text
     assert str(REPO_ROOT) not in text
 
     # A LoRA pipeline with DeepSpeed (written, not run): its config names the installed package's file.
@@ -151,15 +151,15 @@ def test_a_plain_install_writes_and_runs_everything_where_the_user_is(installed,
 
 @pytest.mark.slow
 def test_pseudo_data_entry_point_runs_from_the_install(installed, tmp_path):
-    """The module a regenerating pipeline calls (`python -m sapt.pseudo_data`) answers from the install."""
+    """The module a regenerating pipeline calls (`python -m sapt pseudo_data`) answers from the install."""
     python, _ = installed
     done = subprocess.run(
-        [str(python), "-m", "sapt.pseudo_data", "--model_name_or_path", "nowhere", "--data_dir", str(BENCHMARK),
+        [str(python), "-m", "sapt", "pseudo_data", "--model_name_or_path", "nowhere", "--data_dir", str(BENCHMARK),
          "--tasks", "task_nope", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, env=venv_env(python.parent.parent), cwd=tmp_path, timeout=300,
     )
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and lines[-1].startswith("generate_pseudo_data: error: ") and "task_nope" in lines[-1]
+    assert done.returncode == 2 and lines[-1].startswith("sapt pseudo_data: error: ") and "task_nope" in lines[-1]
     assert not (tmp_path / "out").exists()
 
 
@@ -195,9 +195,11 @@ def test_default_data_source_is_read_beside_the_working_directory(tmp_path, monk
 
 
 def test_console_scripts_run_from_the_install(installed, tmp_path):
-    """`sapt-score` and friends (pyproject's scripts) are installed beside the venv's python and run it."""
+    """`sapt COMMAND` (pyproject's one script) is installed beside the venv's python and runs it."""
     python, _ = installed
-    done = subprocess.run([str(python.parent / "sapt-score"), "no_such_run"], capture_output=True, text=True,
-                          env=venv_env(python.parent.parent, activated=False), cwd=tmp_path, timeout=300)
+    env = venv_env(python.parent.parent, activated=False)
+    done = subprocess.run([str(python.parent / "sapt"), "score", "no_such_run"], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 2 and done.stderr.startswith("score.py: error: run 'no_such_run' not found"), done.stderr
-    assert (python.parent / "sapt-gen-long-t5").is_file() and (python.parent / "sapt-train-task").is_file()
+    listed = subprocess.run([str(python.parent / "sapt")], capture_output=True, text=True, env=env, timeout=300)
+    assert listed.returncode == 0 and "generate" in listed.stdout and "train_task" in listed.stdout, listed.stderr

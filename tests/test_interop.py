@@ -199,7 +199,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")}
     env.pop("SAPT_BASE_MODEL", None)
     return subprocess.run(
-        [sys.executable, "-m", "sapt.interop", "import-official", *args],
+        [sys.executable, "-m", "sapt", "interop", "import-official", *args],
         capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120,
     )
 
@@ -410,7 +410,7 @@ def test_cli_error_exit_code_and_one_line(make_run, tmp_path):
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sapt.interop: error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("sapt interop: error: "), result.stderr
     assert str(missing) in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 

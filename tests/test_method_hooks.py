@@ -114,5 +114,5 @@ def test_a_missing_subspace_of_the_earlier_task_is_one_line_before_anything_load
     (first / SUBSPACE_FILE).unlink()
     assert main(inflora_argv(tiny_models["t5"], outputs, 2)) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert error == [f"sapt.train_task: error: {first / SUBSPACE_FILE}: file is missing"]
+    assert error == [f"sapt train_task: error: {first / SUBSPACE_FILE}: file is missing"]
     assert not (outputs / f"2-{TASKS[1]}").exists()

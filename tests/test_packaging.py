@@ -61,13 +61,12 @@ def test_every_third_party_import_of_the_package_is_declared():
     assert wanted - set(declared()) - extras() == set()
 
 
-def test_console_scripts_name_the_commands_and_each_resolves():
-    scripts = PROJECT["scripts"]
-    assert {"sapt-train-task", "sapt-score", "sapt-evaluate", "sapt-export", "sapt-prepare-data",
-            "sapt-gen-long-t5"} <= set(scripts)
-    for target in scripts.values():
-        module, function = target.split(":")
-        assert callable(getattr(importlib.import_module(module), function)), target
+def test_one_console_script_is_the_front_door_and_every_command_resolves():
+    from sapt.__main__ import COMMANDS
+
+    assert PROJECT["scripts"] == {"sapt": "sapt.__main__:main"}
+    for name, (module, function, _) in COMMANDS.items():
+        assert callable(getattr(importlib.import_module(module), function)), name
 
 
 def test_the_declared_licence_is_in_the_checkout():

@@ -82,7 +82,7 @@ def test_paper_presets_carry_the_release_hyper_parameters(tmp_path, paper_inputs
     assert config["save_strategy"] == "no"  # DeepSpeed's engine checkpoints are pickles: not written
     # Several processes per task: torch's launcher (torchrun) run by the generator's own interpreter.
     text = (tmp_path / "l.sh").read_text()
-    assert '"$PYTHON" -m torch.distributed.run --nproc_per_node 4 -m sapt.train_task' in text and "torchrun" not in text
+    assert '"$PYTHON" -m torch.distributed.run --nproc_per_node 4 -m sapt train_task' in text and "torchrun" not in text
 
 
 def test_invalid_generator_arguments_exit_2():
@@ -201,7 +201,7 @@ def test_own_task_list_and_a_given_model_in_quick_mode(tmp_path, capsys):
     script = generate_in_process("long_llama", "--quick", "--tasks", "a_task,b_task", "--data_dir", "data",
                                  "--workdir", str(tmp_path), "--output", str(tmp_path / "q.sh"), capsys=capsys)
     text = open(script).read()
-    assert '"$PYTHON" -m sapt.tiny --family llama --out tiny_models/llama' in text and "tiny RANDOM model" in text
+    assert '"$PYTHON" -m sapt tiny --family llama --out tiny_models/llama' in text and "tiny RANDOM model" in text
 
 
 @pytest.mark.parametrize("value, message", [
@@ -227,9 +227,9 @@ def test_relative_paths_are_read_and_written_under_the_workdir(tmp_path, capsys,
     assert script == str(tmp_path / "scripts" / "generated" / "here.sh")
     text = open(script).read()
     assert f"\ncd {tmp_path}\nPYTHON={shlex.quote(sys.executable)}\nRUN=here\nCONFIGS={tmp_path}/scripts/generated/here\n" in text
-    pseudo = '"$PYTHON" -m sapt.pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out '
+    pseudo = '"$PYTHON" -m sapt pseudo_data --model_name_or_path tiny_models/llama --data_dir data --tasks a_task --out '
     assert f"\n{pseudo}logs_and_outputs/here/generated_data/" in text  # the installed module, not a script
-    assert '\n"$PYTHON" -m sapt.score "$RUN"\n' in text and str(REPO_ROOT) not in text
+    assert '\n"$PYTHON" -m sapt score "$RUN"\n' in text and str(REPO_ROOT) not in text
     assert json.loads((tmp_path / "scripts" / "generated" / "here" / "1-a_task.json").read_text())["task"] == "a_task"
 
     # b_task exists only in sub/data: read against the workdir, the check passes; against the cwd it would not.
@@ -281,17 +281,17 @@ RUN=sapt_long_llama_tasks_quick
 CONFIGS={tmp_path}/p
 
 # One pipeline per run: the rest runs holding the run's lock, or stops here naming its holder.
-if [ "${{1:-}}" != --locked ]; then exec "$PYTHON" -m sapt.run_lock logs_and_outputs/sapt_long_llama_tasks_quick/outputs/run.lock -- bash {tmp_path}/p.sh --locked; fi
+if [ "${{1:-}}" != --locked ]; then exec "$PYTHON" -m sapt run_lock logs_and_outputs/sapt_long_llama_tasks_quick/outputs/run.lock -- bash {tmp_path}/p.sh --locked; fi
 
 STEPS=(1-c_task 2-a_task)
 for STEP in "${{STEPS[@]}}"; do
   OUT="logs_and_outputs/$RUN/outputs/$STEP"
   if [ -f "$OUT/task_complete.json" ]; then echo "[pipeline] $STEP: complete, skipped"; continue; fi
   echo "[pipeline] $STEP: training"
-  ${{SAPT_LAUNCH:-"$PYTHON" -m sapt.train_task}} "$CONFIGS/$STEP.json"
+  ${{SAPT_LAUNCH:-"$PYTHON" -m sapt train_task}} "$CONFIGS/$STEP.json"
 done
 
-"$PYTHON" -m sapt.score "$RUN" alone
+"$PYTHON" -m sapt score "$RUN" alone
 
 echo '[pipeline] quick mode: a few steps on a few examples per task: the scores show the harness at work, not numbers comparable to the paper'
 """
@@ -307,8 +307,8 @@ def test_seeds_pipeline_runs_each_seed_as_its_own_run(tmp_path, capsys):
     text = open(script).read()
     base = "sapt_long_llama_tasks_quick"
     assert text.index(f"RUN={base}_seed3") < text.index(f"RUN={base}_seed1")  # in the order given
-    assert text.count('-m sapt.train_task} "$CONFIGS/$STEP.json"') == 2 and text.count('"$PYTHON" -m sapt.score "$RUN" alone') == 2
-    assert f'\n"$PYTHON" -m sapt.score --aggregate {base}_seed3 {base}_seed1 --single alone\n' in text
+    assert text.count('-m sapt train_task} "$CONFIGS/$STEP.json"') == 2 and text.count('"$PYTHON" -m sapt score "$RUN" alone') == 2
+    assert f'\n"$PYTHON" -m sapt score --aggregate {base}_seed3 {base}_seed1 --single alone\n' in text
     parser = HfArgumentParser((SaptArguments, Seq2SeqTrainingArguments))
     for seed in (3, 1):
         configs = sorted((tmp_path / "p" / f"seed{seed}").glob("*.json"))

@@ -66,7 +66,7 @@ def release(tmp_path):
 
 def run_cli(*args, env_source=""):
     env = {**os.environ, "SAPT_DATA_SOURCE": env_source}
-    return subprocess.run([sys.executable, "-m", "sapt.prepare_data", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "sapt", "prepare_data", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=REPO_ROOT, timeout=120)
 
 

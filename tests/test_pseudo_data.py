@@ -185,7 +185,7 @@ def test_cli_unknown_task_is_one_line_exit_2(tmp_path):
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("generate_pseudo_data: error: ") and "task_nope" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("sapt pseudo_data: error: ") and "task_nope" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -197,4 +197,4 @@ def test_malformed_train_file_is_exit_2(tmp_path, capsys):
                  "--tasks", "task_bad", "--out", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("generate_pseudo_data: error: ") and "malformed JSON" in err[0]
+    assert len(err) == 1 and err[0].startswith("sapt pseudo_data: error: ") and "malformed JSON" in err[0]

@@ -557,7 +557,7 @@ def test_release_exact_run_from_the_command_line(tiny_models, tmp_path):
     for position, task in enumerate(LONG_TASKS, start=1):
         previous = ["--previous_task_dir", str(outputs / f"1-{LONG_TASKS[0]}")] if position > 1 else []
         done = subprocess.run(
-            [sys.executable, "-m", "sapt.train_task", *common, "--task", task,
+            [sys.executable, "-m", "sapt", "train_task", *common, "--task", task,
              "--output_dir", str(outputs / f"{position}-{task}"), *previous],
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
         )
@@ -576,7 +576,7 @@ def test_release_exact_run_from_the_command_line(tiny_models, tmp_path):
         results = json.loads((outputs / f"{i + 1}-{task}" / "all_results.json").read_text())
         assert all(f"predict_eval_rougeL_for_{seen}" in results for seen in tasks[: i + 1])
     bad = subprocess.run(
-        [sys.executable, "-m", "sapt.train_task", *common, "--task", LONG_TASKS[0], "--release_behaviours", "nope",
+        [sys.executable, "-m", "sapt", "train_task", *common, "--task", LONG_TASKS[0], "--release_behaviours", "nope",
          "--output_dir", str(tmp_path / "bad")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
     )
     assert bad.returncode == 2 and "unknown behaviour 'nope'" in bad.stderr and not (tmp_path / "bad").exists()

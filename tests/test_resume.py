@@ -126,7 +126,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tiny_models, tmp_pa
     task = SUPERNI_TASKS[0]
     out = tmp_path / f"1-{task}"
     command = [
-        sys.executable, "-m", "sapt.train_task", "--model_name_or_path", str(tiny_models["t5"]),
+        sys.executable, "-m", "sapt", "train_task", "--model_name_or_path", str(tiny_models["t5"]),
         "--data_dir", str(BENCHMARK), "--task_order", task, "--task", task, "--output_dir", str(out),
         "--max_train_samples", "400", "--per_device_train_batch_size", "2", "--num_train_epochs", "1",
         "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_source_length", "32",

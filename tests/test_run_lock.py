@@ -19,7 +19,7 @@ HOST = socket.gethostname()
 
 
 def lock_command(lock, *command, env=None):
-    return subprocess.run([sys.executable, "-m", "sapt.run_lock", str(lock), "--", *command],
+    return subprocess.run([sys.executable, "-m", "sapt", "run_lock", str(lock), "--", *command],
                           capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -59,7 +59,7 @@ def test_a_second_holder_is_refused_at_once_and_a_descendant_is_let_in(tmp_path)
 
 def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
     lock = tmp_path / "run.lock"
-    holder = subprocess.Popen([sys.executable, "-m", "sapt.run_lock", str(lock), "--", "sleep", "600"],
+    holder = subprocess.Popen([sys.executable, "-m", "sapt", "run_lock", str(lock), "--", "sleep", "600"],
                               start_new_session=True)
     wait_for(lambda: lock.is_file(), "the lock")
     os.killpg(holder.pid, signal.SIGKILL)
@@ -74,7 +74,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_with_a_warning(tmp_path, 
 @pytest.mark.slow
 def test_the_children_of_a_holder_killed_alone_keep_the_run_locked_until_they_end(tmp_path):
     lock = tmp_path / "run.lock"
-    holder = subprocess.Popen([sys.executable, "-m", "sapt.run_lock", str(lock), "--", "sleep", "600"],
+    holder = subprocess.Popen([sys.executable, "-m", "sapt", "run_lock", str(lock), "--", "sleep", "600"],
                               start_new_session=True)
     try:
         wait_for(lambda: lock.is_file(), "the lock")
@@ -85,7 +85,7 @@ def test_the_children_of_a_holder_killed_alone_keep_the_run_locked_until_they_en
         assert refused.returncode == EXIT_LOCKED and time.time() - start >= ENDING_GRACE_S - 1
         assert f"in use by processes started by pid {holder.pid} on {HOST}" in refused.stderr
         # Once they end (within the grace a killed process group takes to go), the lock is taken over.
-        waiting = subprocess.Popen([sys.executable, "-m", "sapt.run_lock", str(lock), "--", "true"],
+        waiting = subprocess.Popen([sys.executable, "-m", "sapt", "run_lock", str(lock), "--", "true"],
                                    stderr=subprocess.PIPE, text=True)
         time.sleep(1)
     finally:
@@ -101,7 +101,7 @@ def test_a_lone_task_step_on_a_run_in_use_is_refused(tiny_models, tmp_path):
     with run_lock(outputs / "run.lock"):
         started = json.loads((outputs / "run.lock").read_text())["started"]
         done = subprocess.run([
-            sys.executable, "-m", "sapt.train_task", "--model_name_or_path", str(tiny_models["t5"]),
+            sys.executable, "-m", "sapt", "train_task", "--model_name_or_path", str(tiny_models["t5"]),
             "--data_dir", str(BENCHMARK), "--task_order", task, "--task", task, "--output_dir", str(outputs / f"1-{task}"),
         ], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert_refused(done, os.getpid(), started)
@@ -129,7 +129,7 @@ def test_a_second_pipeline_is_refused_while_the_first_runs_its_steps(tmp_path):
         assert_refused(second, first.pid, holder["started"])
         assert time.time() - start < 30
         config = sorted((tmp_path / "quick").glob("2-*.json"))[0]  # a lone step on the same run
-        lone = subprocess.run([sys.executable, "-m", "sapt.train_task", str(config)], capture_output=True, text=True,
+        lone = subprocess.run([sys.executable, "-m", "sapt", "train_task", str(config)], capture_output=True, text=True,
                               cwd=tmp_path, timeout=300)
         assert_refused(lone, first.pid, holder["started"])
         # The first pipeline's own task step is let in: it trains and checkpoints.

@@ -168,9 +168,9 @@ def test_unknown_run_and_bad_flag_exit_2(tmp_path, root):
 
 
 def test_module_and_top_level_script_are_one_command(tmp_path, root):
-    """Pipelines call `python -m sapt.score`, users `python score.py`: same output, same files, byte for byte."""
+    """Pipelines call `python -m sapt score`, users `python score.py`: same output, same files, byte for byte."""
     outputs = {}
-    for name, command in (("script", [str(SCORE)]), ("module", ["-m", "sapt.score"])):
+    for name, command in (("script", [str(SCORE)]), ("module", ["-m", "sapt", "score"])):
         folder = tmp_path / name
         folder.mkdir()
         proc = subprocess.run([sys.executable, *command, "seq", "alone", "--root", str(root)], cwd=folder,

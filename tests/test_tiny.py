@@ -184,7 +184,7 @@ def test_cli(tmp_path):
     out = tmp_path / "cli"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-m", "sapt.tiny", "--family", "llama", "--out", str(out), "--data_dir",
+        [sys.executable, "-m", "sapt", "tiny", "--family", "llama", "--out", str(out), "--data_dir",
          str(tmp_path / "missing"), "--vocab_size", "400", "--d_model", "32", "--layers", "1", "--seed", "5"],
         capture_output=True, text=True, env=env, timeout=120, check=True,
     )
@@ -230,10 +230,10 @@ def test_truncated_benchmark_file_is_a_one_line_error_and_writes_nothing(tmp_pat
     task.mkdir(parents=True)
     (task / "train.json").write_text('{"Definition": ["x"], "Instances": [{"inp')
     done = subprocess.run(
-        [sys.executable, "-m", "sapt.tiny", "--family", "t5", "--out", str(tmp_path / "model"), "--data_dir", str(tmp_path / "bench")],
+        [sys.executable, "-m", "sapt", "tiny", "--family", "t5", "--out", str(tmp_path / "model"), "--data_dir", str(tmp_path / "bench")],
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("sapt.tiny: error: ") and str(task / "train.json") in last and "malformed JSON" in last
+    assert last.startswith("sapt tiny: error: ") and str(task / "train.json") in last and "malformed JSON" in last
     assert "Traceback" not in done.stderr and not (tmp_path / "model").exists()

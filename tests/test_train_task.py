@@ -21,7 +21,7 @@ ARTIFACTS = [
 def train_task(model_dir, outputs, position, family, extra=()):
     task = TASKS[position - 1]
     command = [
-        sys.executable, "-m", "sapt.train_task",
+        sys.executable, "-m", "sapt", "train_task",
         "--model_name_or_path", str(model_dir), "--data_dir", str(BENCHMARK),
         "--task_order", ",".join(TASKS), "--task", task,
         "--output_dir", str(outputs / f"{position}-{task}"),
@@ -77,7 +77,7 @@ def test_user_mistakes_get_one_line_and_exit_2(tiny_models, tmp_path):
     second = train_task(tiny_models["t5"], outputs, 2, "t5")  # no first task trained
     assert second.returncode == 2
     assert not outputs.exists()  # nothing written, not even the run's lock or its folder
-    assert second.stderr.strip().splitlines()[-1].startswith("sapt.train_task: error: ")
+    assert second.stderr.strip().splitlines()[-1].startswith("sapt train_task: error: ")
     assert "Traceback" not in second.stderr
     unknown = train_task(tiny_models["t5"], outputs, 1, "t5", extra=["--task", "nope"])
     assert unknown.returncode == 2 and "not in --task_order" in unknown.stderr

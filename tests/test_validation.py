@@ -95,7 +95,7 @@ def expect_error(capsys, argv, *fragments: str, output: Path | None = None) -> s
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err[-2000:]
     assert "Traceback" not in err
-    assert lines and lines[-1].startswith("sapt.train_task: error: "), err[-2000:]
+    assert lines and lines[-1].startswith("sapt train_task: error: "), err[-2000:]
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
     if output is not None:
@@ -356,13 +356,13 @@ def test_generator_arguments(capsys, tmp_path, argv, fragments):
 def test_subprocess_train_task_one_line_no_traceback(case):
     (case.previous / "lineage.json").write_text('"not an object"')
     done = subprocess.run(
-        [sys.executable, "-m", "sapt.train_task", *case.argv()], capture_output=True, text=True, cwd=REPO_ROOT,
+        [sys.executable, "-m", "sapt", "train_task", *case.argv()], capture_output=True, text=True, cwd=REPO_ROOT,
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
-    assert lines[-1].startswith("sapt.train_task: error: ") and "lineage.json" in lines[-1]
+    assert lines[-1].startswith("sapt train_task: error: ") and "lineage.json" in lines[-1]
     assert not case.output.exists()
 
 

@@ -155,7 +155,7 @@ def test_a_full_disk_stops_the_step_in_one_line_and_the_same_command_resumes(
     assert failed, "the fault was never reached"
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     named = failed[0].parent if fault == "checkpoint trainer state" else failed[0]
-    assert len(errors) == 1 and errors[0].startswith("sapt.train_task: error: cannot write "), err[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("sapt train_task: error: cannot write "), err[-3000:]
     assert str(named) in errors[0] and "No space left on device" in errors[0], errors
     assert "Traceback" not in err
 

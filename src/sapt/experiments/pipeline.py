@@ -2,9 +2,9 @@
 
 The four `gen_script_*.py` files are presets over `main()`. The pipeline trains the tasks in order, one
 process each, skips tasks whose folder is complete (so running it again continues where it stopped),
-and ends with `python -m sapt.score` (what `score.py` runs). With `--seeds 1,2,3` one pipeline runs the
+and ends with `python -m sapt score` (what `score.py` runs). With `--seeds 1,2,3` one pipeline runs the
 whole experiment once per seed, one seed after another (runs `<run>_seed1`, ...), and ends with
-`python -m sapt.score --aggregate` over them. A pipeline holds its runs' locks throughout: a second one
+`python -m sapt score --aggregate` over them. A pipeline holds its runs' locks throughout: a second one
 on the same run stops at once, naming the first.
 
 Everything is written under `--workdir` (default: the directory the generator runs in), and every
@@ -41,10 +41,10 @@ DEEPSPEED_CONFIGS = {stage: str(PACKAGE_CONFIGS / "ds_configs" / f"{stage}.json"
 # Every step runs the interpreter that wrote the pipeline; its header sets $PYTHON to it.
 PYTHON = '"$PYTHON"'
 # What a pipeline runs besides the task steps: entry points of the installed package.
-SCORE_COMMAND = f"{PYTHON} -m sapt.score"
-PSEUDO_DATA_COMMAND = f"{PYTHON} -m sapt.pseudo_data"
-TINY_COMMAND = f"{PYTHON} -m sapt.tiny"
-LOCK_COMMAND = f"{PYTHON} -m sapt.run_lock"
+SCORE_COMMAND = f"{PYTHON} -m sapt score"
+PSEUDO_DATA_COMMAND = f"{PYTHON} -m sapt pseudo_data"
+TINY_COMMAND = f"{PYTHON} -m sapt tiny"
+LOCK_COMMAND = f"{PYTHON} -m sapt run_lock"
 LOCKED_FLAG = "--locked"  # the pipeline's argument when it runs again holding its runs' locks
 # Where a pipeline is written when --output is not given, under the workdir.
 GENERATED_PIPELINES = "scripts/generated"
@@ -378,7 +378,7 @@ def _launch(exp: Experiment) -> str:
     """The command of a task step (before its config): $SAPT_LAUNCH when set, else this interpreter, as one
     process or as `--gpus` processes under torch's launcher (what `torchrun` runs)."""
     several = f" -m torch.distributed.run --nproc_per_node {exp.gpus}" if exp.gpus > 1 else ""
-    return f"${{SAPT_LAUNCH:-{PYTHON}{several} -m sapt.train_task}}"
+    return f"${{SAPT_LAUNCH:-{PYTHON}{several} -m sapt train_task}}"
 
 
 def _header(exp: Experiment, also: str = "") -> list[str]:
@@ -439,7 +439,7 @@ def _run_lines(exp: Experiment) -> list[str]:
         "",
     ]
     if exp.method_record.alone:  # each task alone: the reference for another run's FWT, no matrix of its own
-        lines.append(f'echo "[pipeline] single-task scores for FWT: $PYTHON -m sapt.score RUN {exp.run_name}"')
+        lines.append(f'echo "[pipeline] single-task scores for FWT: $PYTHON -m sapt score RUN {exp.run_name}"')
     else:
         lines.append(f"{SCORE_COMMAND} \"$RUN\"" + (f" {q(exp.single_run)}" if exp.single_run else ""))
     return lines
@@ -518,19 +518,19 @@ def main(preset: str, argv: list[str] | None = None) -> int:
     return 0
 
 
-# Console scripts sapt-gen-<preset> (pyproject.toml): the commands of the top-level gen_script_<preset>.py,
-# for an install without a checkout.
-def superni_t5() -> int:
-    return main("superni_t5")
+# The presets a pipeline can be generated from (`python -m sapt generate PRESET`, gen_script_<preset>.py).
+GENERATOR_PRESETS = ("superni_t5", "long_t5", "superni_llama", "long_llama")
 
 
-def long_t5() -> int:
-    return main("long_t5")
-
-
-def superni_llama() -> int:
-    return main("superni_llama")
-
-
-def long_llama() -> int:
-    return main("long_llama")
+def generate(argv: list[str] | None = None) -> int:
+    """`python -m sapt generate PRESET [ARGS]`: the command of the top-level gen_script_<preset>.py, for an
+    install without a checkout."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: sapt generate {{{','.join(GENERATOR_PRESETS)}}} [--help | ARGS]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in GENERATOR_PRESETS:
+        print(f"{usage}\nsapt generate: error: name a preset first, one of {', '.join(GENERATOR_PRESETS)}", file=sys.stderr)
+        return 2
+    return main(argv[0], argv[1:])

@@ -1,6 +1,6 @@
 """Score a continual-learning run: AP, F.Ra, FWT, BWT from ``logs_and_outputs/<run>/outputs``.
 
-The scorer's command line, as ``python -m sapt.score`` (what generated pipelines call, so they need no
+The scorer's command line, as ``python -m sapt score`` (what generated pipelines call, so they need no
 checkout) or ``python score.py`` (the same ``main`` behind a thin file at the repository's top):
 
     python score.py RUN [SINGLE_RUN] [--root logs_and_outputs] [--metric auto|rougeL|exact_match]
@@ -13,7 +13,7 @@ A thin front over ``sapt.experiments.cl_metrics``: prints the score matrix and t
 last task folder holds ``routing_weights.json``), with the routing accuracy (``sapt.experiments.routing_analysis``; a
 figure ``<run>_routing_accuracy.png`` when the predictions store per-input routing, else "not stored"), and, when the
 task folders hold routing traces, the own-block weight at the end of each task and ``<run>_routing_trace.png``.
-Outputs of ``python -m sapt.evaluate`` are named by their run and routing in every table.
+Outputs of ``python -m sapt evaluate`` are named by their run and routing in every table.
 ``--compare`` prints one summary row per run instead;
 given groups (a quoted glob pattern or a comma-separated list per argument) it prints each group's mean
 ± std and Welch's t test of each group's AP against the first group's. ``--aggregate`` (``sapt.experiments.aggregate``)
@@ -71,7 +71,7 @@ from .cl_metrics import (
 from .routing_analysis import NOT_STORED, evaluation_name, read_evaluation_record, routing_accuracy, routing_description
 from .trace_report import final_own_weights, format_trace_table, png_bytes, read_run_traces, render_trace
 
-# The documented name; `python -m sapt.score` reports errors under it too.
+# The documented name; `python -m sapt score` reports errors under it too.
 PROG = "score.py"
 logger = logging.getLogger(__name__)
 

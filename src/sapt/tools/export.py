@@ -1,7 +1,7 @@
 """Export a SAPT run's task blocks as stock PEFT LoRA adapters, for servers with per-request adapters.
 
-    python -m sapt.export logs_and_outputs/RUN/outputs --out adapters/RUN
-    python -m sapt.export RUN --out DIR [--root logs_and_outputs] [--measure [--config PIPELINE_DIR]]
+    python -m sapt export logs_and_outputs/RUN/outputs --out adapters/RUN
+    python -m sapt export RUN --out DIR [--root logs_and_outputs] [--measure [--config PIPELINE_DIR]]
 
 RUN is a run name under --root, a run's `outputs` folder, or one task folder (then tasks 1..that one).
 DIR receives:
@@ -14,7 +14,7 @@ Each adapter folder holds `adapter_config.json` + `adapter_model.safetensors` an
 A wrapped projection of SAPT computes W x + (α/r) Σ_j a_j B_j A_j x. With the weights a fixed, the
 mixture is one LoRA: A = [A_1; ...; A_i] (i·r, d_in), B = [a_1 B_1, ..., a_i B_i] (d_out, i·r), so B A x = Σ_j a_j B_j A_j x,
 and lora_alpha = α·i keeps peft's scaling lora_alpha / rank equal to SAPT's α/r. Only the files are
-read: no backbone is loaded. The README's AP figures come from `python -m sapt.evaluate` (--measure runs it).
+read: no backbone is loaded. The README's AP figures come from `python -m sapt evaluate` (--measure runs it).
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def write_adapter(folder: Path, config: LoraConfig, state: dict[str, torch.Tenso
 
 # ---- measured AP of each deployment ---------------------------------------------------------------
 def routing_outputs(outputs_dir: Path, routing: str) -> Path:
-    """Where `python -m sapt.evaluate RUN --routing R` writes its rows (RUN/routing/R/outputs)."""
+    """Where `python -m sapt evaluate RUN --routing R` writes its rows (RUN/routing/R/outputs)."""
     # Imported here, like evaluate_run below: sapt.evaluate loads the whole training stack.
     from ..experiments.evaluate import EVALUATIONS_DIR
 
@@ -174,7 +174,7 @@ def routing_outputs(outputs_dir: Path, routing: str) -> Path:
 
 
 def evaluate_command(outputs_dir: Path, routing: str, tasks: Sequence[TaskBlock], config_dir: str | None) -> str:
-    command = f"python -m sapt.evaluate {shlex.quote(str(outputs_dir.parent))} --routing {routing}"
+    command = f"python -m sapt evaluate {shlex.quote(str(outputs_dir.parent))} --routing {routing}"
     if config_dir is not None:
         command += f" --config {shlex.quote(str(config_dir))}"
     elif not all((t.folder / TASK_ARGS_FILE).is_file() for t in tasks):  # a run from before task_args.json
@@ -337,7 +337,7 @@ def export_run(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(prog="sapt.export", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="sapt export", description=__doc__.splitlines()[0])
     parser.add_argument("run", metavar="RUN", help="run name under --root, a run's outputs folder, or one task folder")
     parser.add_argument("--out", required=True, help="new (or empty) folder for the adapters")
     parser.add_argument("--root", default="logs_and_outputs", help="where run names are looked up")
@@ -359,6 +359,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with stdout_kept_for_results():
             out = export_run(args.run, args.out, args.root, args.measure, args.config)
     except (CheckpointError, UsageError, OSError) as err:  # user errors: one line, no traceback
-        return report_error("sapt.export", err)
+        return report_error("sapt export", err)
     print(out)
     return 0

@@ -1,6 +1,6 @@
 """Import a run of the official SAPT release into this project's task folders (docs/interop.md).
 
-    python -m sapt.interop import-official --family t5 --backbone /models/t5-large \
+    python -m sapt interop import-official --family t5 --backbone /models/t5-large \
         --saved-weights run/1-taskA/saved_weights run/2-taskB/saved_weights --out imported/
 
 Every official `saved_weights/` folder i becomes `OUT/<i>-<task>/` (block i, the keys and query network
@@ -394,7 +394,7 @@ def _temperature(text: str) -> str | float:
 
 
 def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="sapt.interop", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="sapt interop", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     cmd = commands.add_parser("import-official", help="convert the release's saved_weights folders into task folders")
     cmd.add_argument("--family", required=True, choices=sorted(FAMILY_PROJECTIONS), help="backbone family")
@@ -427,6 +427,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.family, args.backbone, args.saved_weights, args.out, args.lora_alpha, names, args.temperature
             )
     except (CheckpointError, OSError) as err:  # user errors: one line, no traceback
-        return report_error("sapt.interop", err)
+        return report_error("sapt interop", err)
     print(out)
     return 0

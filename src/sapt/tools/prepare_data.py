@@ -1,8 +1,8 @@
 """Data preparation (`make data`): bring the released benchmark into the project and verify it.
 
-    python -m sapt.prepare_data [--source PATH] [--dest .] [--verify-only] [--synthetic-if-missing]
+    python -m sapt prepare_data [--source PATH] [--dest .] [--verify-only] [--synthetic-if-missing]
                                 [--link | --copy] [--verbose] [--manifest PATH]
-    python -m sapt.prepare_data --synthetic --dest DIR [--seed 0]
+    python -m sapt prepare_data --synthetic --dest DIR [--seed 0]
 
 The release (a folder holding ``CL_Benchmark/`` and/or ``generated_data/``) is found at ``--source``,
 else ``$SAPT_DATA_SOURCE``, else ``../shared`` beside the working directory (a checkout's root, where
@@ -322,7 +322,7 @@ def _place(src: Path, dst: Path, mode: str, stats: dict) -> None:
 
 
 def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="python -m sapt.prepare_data", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m sapt prepare_data", description=__doc__.splitlines()[0])
     parser.add_argument("--source", help=f"release folder (default: ${SOURCE_ENV}, else ../shared beside the working directory)")
     parser.add_argument("--dest", default=".", help="folder that receives CL_Benchmark/ and generated_data/")
     parser.add_argument("--verify-only", action="store_true", help="only verify <dest> against the manifest")

@@ -4,7 +4,7 @@ For each task a LoRA on the frozen backbone's attention q/v projections learns t
 source ``__gen__`` to ``{Definition}__inp__{input}``; samples from it are split at ``__inp__`` and
 2% of the training-set size (at least 1) are written in the benchmark's JSON format:
 
-    python -m sapt.pseudo_data --model_name_or_path tiny_models/t5 \\
+    python -m sapt pseudo_data --model_name_or_path tiny_models/t5 \\
         --data_dir ../shared/CL_Benchmark --tasks task363_sst2_polarity_classification \\
         --out generated_data/lora_gen_superni_t5
 
@@ -323,7 +323,7 @@ def generate_for_task(
 
 def build_parser() -> OneLineArgumentParser:
     defaults = GeneratorSettings()
-    parser = OneLineArgumentParser(prog="generate_pseudo_data",
+    parser = OneLineArgumentParser(prog="sapt pseudo_data",
                                    description="Train a generator LoRA per task and write pseudo samples (docs/data.md).")
     parser.add_argument("--model_name_or_path", required=True, help="backbone folder or hub name")
     parser.add_argument("--data_dir", default="CL_Benchmark", help="root holding SuperNI/ and Long_Sequence/")
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 for task in tasks
             ]
     except (DataError, PseudoDataError) as err:
-        print(f"generate_pseudo_data: error: {err}", file=sys.stderr)
+        print(f"sapt pseudo_data: error: {err}", file=sys.stderr)
         return 2
     for task, folder in zip(tasks, written):
         print(f"{task}: {folder if folder is not None else 'already done'}")
@@ -386,6 +386,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> int:
-    """`python -m sapt.pseudo_data` (generated pipelines) and `scripts/generate_pseudo_data.py`."""
+    """`python -m sapt pseudo_data` (generated pipelines) and `scripts/generate_pseudo_data.py`."""
     setup_cli_logging()
     return main()

@@ -1,6 +1,6 @@
 """The synthetic benchmark: a small seeded stand-in for the release, in its exact format.
 
-    python -m sapt.prepare_data --synthetic --dest DIR [--seed 0]
+    python -m sapt prepare_data --synthetic --dest DIR [--seed 0]
 
 Every task is a toy with a deterministic rule from input to label, so a tiny model can learn it; the
 pseudo data (2% of train, empty outputs) sits where the release's does. Same seed, same bytes.
@@ -176,7 +176,7 @@ SYNTHETIC_ORDERS = {
 
 _NOTE = """# SYNTHETIC DATA: not the released SAPT benchmark
 
-Written by `python -m sapt.prepare_data --synthetic` (seed {seed}) for machines without the release's
+Written by `python -m sapt prepare_data --synthetic` (seed {seed}) for machines without the release's
 data. Same layout and JSON format as the release (`CL_Benchmark/`, `generated_data/`), but every task is
 a toy with a deterministic rule from input to label, so a tiny model can learn it. Scores on these tasks
 say nothing about SAPT on the real benchmark.

@@ -4,8 +4,8 @@ Tests and smoke runs need a real HuggingFace checkpoint directory (model + token
 config) without any download. This module trains a byte-level BPE on the benchmark's own text and
 saves a small model of the requested family beside it, so every stock loader works on it:
 
-    python -m sapt.tiny --family t5 --out /tmp/tiny-t5
-    python -m sapt.tiny --family llama --out /tmp/tiny-llama --vocab_size 2000 --seed 0
+    python -m sapt tiny --family t5 --out /tmp/tiny-t5
+    python -m sapt tiny --family llama --out /tmp/tiny-llama --vocab_size 2000 --seed 0
 
 ``--pretrain_steps N`` (default 0: random weights, as before) then trains every weight for N AdamW steps
 on the unlabelled text of the benchmark's TRAIN splits (definitions and inputs, never outputs) with a
@@ -373,7 +373,7 @@ def _build_into_place(out_dir: Path, files: list[Path], settings: dict, pretrain
 
 
 def build_parser() -> OneLineArgumentParser:
-    parser = OneLineArgumentParser(prog="sapt.tiny", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="sapt tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=FAMILIES, required=True, help="model family: T5 (encoder-decoder) or LLaMA")
     parser.add_argument("--out", required=True, help="directory to write the model to")
     parser.add_argument("--data_dir", default=None,
@@ -398,5 +398,5 @@ def main(argv: list[str] | None = None) -> None:
                 seed=args.seed, d_model=args.d_model, num_layers=args.layers, pretrain_steps=args.pretrain_steps,
             )
     except DataError as err:
-        sys.exit(report_error("sapt.tiny", err))
+        sys.exit(report_error("sapt tiny", err))
     print(out)

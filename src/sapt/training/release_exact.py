@@ -1,9 +1,9 @@
 """Release-exact mode: what the official release's code really did, where it differs from the method as
 the paper describes it (issue 10; docs/release_exact.md). Every behaviour has its own switch.
 
-    python -m sapt.train_task ... --release_exact                        # every behaviour of the family
-    python -m sapt.train_task ... --release_behaviours no_bos,eval_schedule  # some of them
-    python -m sapt.train_task ... --release_exact --release_behaviours=-per_backward_steps  # all but one
+    python -m sapt train_task ... --release_exact                        # every behaviour of the family
+    python -m sapt train_task ... --release_behaviours no_bos,eval_schedule  # some of them
+    python -m sapt train_task ... --release_exact --release_behaviours=-per_backward_steps  # all but one
     python gen_script_long_llama.py --release_exact                      # a whole paper reproduction
 
 The release ran transformers 4.30.2, accelerate 0.24.1 and (LLaMA) DeepSpeed 0.11.2 on 4 GPUs. Here

@@ -1,4 +1,4 @@
-"""The arguments of one task step (`python -m sapt.train_task`) and its plan: every input it reads.
+"""The arguments of one task step (`python -m sapt train_task`) and its plan: every input it reads.
 
 `plan(args)` is the one place that says what a step reads: which splits of which tasks (by method and
 protocol), whether it builds on the preceding task's folder, and which pseudo sets ARM takes. The

@@ -2,10 +2,10 @@
 
 First task of an order, then the next one on top of it:
 
-    python -m sapt.train_task --model_name_or_path tiny_models/t5 --data_dir ../shared/CL_Benchmark \\
+    python -m sapt train_task --model_name_or_path tiny_models/t5 --data_dir ../shared/CL_Benchmark \\
         --task_order task363_sst2_polarity_classification,task875_emotion_classification \\
         --task task363_sst2_polarity_classification --output_dir logs_and_outputs/demo/outputs/1-task363_sst2_polarity_classification
-    python -m sapt.train_task ... --task task875_emotion_classification \\
+    python -m sapt train_task ... --task task875_emotion_classification \\
         --previous_task_dir logs_and_outputs/demo/outputs/1-task363_sst2_polarity_classification \\
         --gen_data_dir ../shared/generated_data/lora_gen_superni_t5 \\
         --output_dir logs_and_outputs/demo/outputs/2-task875_emotion_classification
@@ -72,7 +72,7 @@ from .validation import validate_task_inputs
 
 logger = logging.getLogger("sapt")
 
-PROG = "sapt.train_task"
+PROG = "sapt train_task"
 
 
 @dataclass

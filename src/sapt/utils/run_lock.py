@@ -5,11 +5,11 @@ then linked into place, which fails if the name is taken) and is held with flock
 releases when the holder dies, SIGKILL included. So a lock file whose flock nobody holds was left by a
 dead process: it is taken over with a warning. A lock file whose flock is held refuses the newcomer with
 one line naming the holder, unless the newcomer descends from that holder: holders list themselves in
-HOLDER_ENV for their child processes (a pipeline's task steps). The children of `python -m sapt.run_lock`
+HOLDER_ENV for their child processes (a pipeline's task steps). The children of `python -m sapt run_lock`
 inherit the lock, so a run stays locked while any of them runs, even after the holder was killed alone.
 The holder removes the file when done.
 
-    python -m sapt.run_lock LOCK_FILE... -- COMMAND...
+    python -m sapt run_lock LOCK_FILE... -- COMMAND...
 
 runs COMMAND holding the lock files (the generated pipelines run themselves this way), or stops at once
 with exit status EXIT_LOCKED. Where a run keeps its lock file is the run-folder format's business
@@ -39,7 +39,7 @@ EXIT_LOCKED = 75  # exit status when the run is in use (sysexits' EX_TEMPFAIL: t
 # A holder's children inherit its lock; when the holder has ended but the lock is still held, they may be
 # ending too (a process group killed a moment ago): wait this long for them before refusing.
 ENDING_GRACE_S = 10.0
-PROG = "sapt.run_lock"
+PROG = "sapt run_lock"
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +202,15 @@ def holder_env(env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sapt.run_lock LOCK_FILE... -- COMMAND...`: COMMAND's exit status, or EXIT_LOCKED."""
+    """`python -m sapt run_lock LOCK_FILE... -- COMMAND...`: COMMAND's exit status, or EXIT_LOCKED."""
     argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m {PROG} LOCK_FILE... -- COMMAND..."
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\nRun COMMAND holding the lock of every LOCK_FILE (a second holder is refused at once).")
+        return 0
     split = argv.index("--") if "--" in argv else 0
     if split == 0 or split == len(argv) - 1:
-        print(f"{PROG}: error: usage: python -m {PROG} LOCK_FILE... -- COMMAND...", file=sys.stderr)
+        print(f"{PROG}: error: {usage}", file=sys.stderr)
         return 2
     setup_cli_logging()
     try:
