@@ -1,4 +1,4 @@
-"""InfLoRA (sapt.methods.inflora): the designed down-projection, the subspace it avoids, and the hooks' files."""
+"""InfLoRA (sapt.inflora): the designed down-projection, the subspace it avoids, and the hooks' files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from conftest import BACKBONES, VOCAB
 from sapt.config import SaptConfig
-from sapt.methods.inflora import (
+from sapt.inflora import (
     ROW_NORM,
     SUBSPACE_FILE,
     InfLoRAError,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import BENCHMARK, SUPERNI_TASKS, make_sapt
-from sapt.methods.inflora import ROW_NORM, SUBSPACE_FILE
+from sapt.inflora import ROW_NORM, SUBSPACE_FILE
 from sapt.run_files import COMPLETE_FILE
 from sapt.training.method_hooks import FROZEN_BLOCK_FILE, FrozenBlockTensors, training_batches
 from sapt.training.train_task import main

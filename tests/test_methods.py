@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import Seq2SeqTrainingArguments
 
 from conftest import BENCHMARK, GENERATED, SUPERNI_TASKS, make_sapt, sample_batch
-from sapt.methods.o_lora import l2_loss, orthogonality_loss
+from sapt.o_lora import l2_loss, orthogonality_loss
 from sapt.checkpoint import load_checkpoint
 from sapt.training.data import load_split
 from sapt.training.task_args import SaptArguments, plan

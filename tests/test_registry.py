@@ -44,8 +44,8 @@ def test_every_method_has_a_record_saying_what_the_docs_say():
 
 
 def test_every_reference_of_a_record_resolves():
-    from sapt.methods.inflora import SUBSPACE_FILE, InfLoRAHooks
-    from sapt.methods.o_lora import l2_loss, orthogonality_loss
+    from sapt.inflora import SUBSPACE_FILE, InfLoRAHooks
+    from sapt.o_lora import l2_loss, orthogonality_loss
 
     assert [resolve(t.loss) for t in get_method("o_lora").loss_terms] == [orthogonality_loss, l2_loss]
     inflora = get_method("inflora")

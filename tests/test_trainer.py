@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import PrinterCallback, Seq2SeqTrainingArguments, TrainerCallback, TrainerControl, TrainerState
 
 from conftest import VOCAB, make_sapt
-from sapt.methods.o_lora import l2_loss
+from sapt.o_lora import l2_loss
 from sapt.layer import SaptLinear
 from sapt.model import IGNORE_INDEX
 from sapt.training.trainer import EveryNEpochs, KeepBestTrainable, LogMetrics, LossTerm, SaptTrainer, trainable_tensors

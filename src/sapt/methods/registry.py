@@ -69,8 +69,8 @@ class Method:
 
 
 O_LORA_TERMS = (
-    LossTermSpec("orthogonality", "orthogonal_weight", "sapt.methods.o_lora:orthogonality_loss"),
-    LossTermSpec("l2", "l2_weight", "sapt.methods.o_lora:l2_loss"),
+    LossTermSpec("orthogonality", "orthogonal_weight", "sapt.o_lora:orthogonality_loss"),
+    LossTermSpec("l2", "l2_weight", "sapt.o_lora:l2_loss"),
 )
 
 # The order is the order of every listing (--method choices, help, errors).
@@ -89,7 +89,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            trains_on=TrainsOn.LEARNED, continues=False),
     Method("inflora", "one block per task, summed with weight 1; its A designed outside the earlier tasks' input "
            "subspace and frozen (InfLoRA)", block_per_task=True, routed=False, trains_on=TrainsOn.OWN, continues=True,
-           hooks="sapt.methods.inflora:InfLoRAHooks", task_tensor_files=("sapt.methods.inflora:SUBSPACE_FILE",)),
+           hooks="sapt.inflora:InfLoRAHooks", task_tensor_files=("sapt.inflora:SUBSPACE_FILE",)),
 )}
 METHOD_NAMES = tuple(REGISTRY)
 

@@ -29,12 +29,12 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..layer import SaptLinear
-from ..utils.fileio import save_tensors_atomic
-from ..utils.zero3 import gathered
+from .layer import SaptLinear
+from .utils.fileio import save_tensors_atomic
+from .utils.zero3 import gathered
 
 if TYPE_CHECKING:
-    from ..model import SaptModel
+    from .model import SaptModel
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import SaptModel
+from .model import SaptModel
 
 
 def orthogonality_loss(model: SaptModel) -> torch.Tensor:
