@@ -109,10 +109,6 @@ class SaptConfig:
     def block_per_task(self) -> bool:
         return get_method(self.method).block_per_task
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
     def to_dict(self) -> dict:
         return asdict(self)
 
