@@ -32,7 +32,10 @@ spell of a shared machine then lands on all variants alike instead of on whichev
 measured; medians over the rounds are reported. The defaults (3 rounds, 1 warm-up step, 1 warm-up
 generation) take about 12 minutes on the 2-core development CPU with --threads 1; --repeats 5 about
 17. On a shared, busy 2-core box pass --threads 1: two OpenMP threads competing with other processes
-made a step 2x and a generation 4x slower than one thread did. --smoke runs in a few seconds.
+made a step 2x and a generation 4x slower than one thread did, and add --clock cpu: the tables
+then read the process's CPU time, which leaves out the spells in which other processes held the
+core (wall time under a load of 8 on 2 cores varied 3x between rounds of the same variant); both
+clocks are always in --json. --smoke runs in a few seconds.
 """
 
 from __future__ import annotations
@@ -311,18 +314,20 @@ def generate_fn(model: nn.Module, family: str, batch: dict, new_tokens: int, aut
     return gen
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one fn(). With one thread on a shared CPU the CPU
+    time leaves out the spells in which other processes held the core, which wall time counts."""
     synchronize(device)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def round_robin(calls: dict, repeats: int, device: torch.device) -> dict:
     """Time each named call `repeats` times, one call of every variant per round (the starting
     variant rotates), so that a slow spell of a shared machine lands on all variants alike instead
-    of on whichever was being measured at that moment. Returns name -> list of seconds."""
+    of on whichever was being measured at that moment. Returns name -> list of (wall, CPU) seconds."""
     names = list(calls)
     times = {name: [] for name in names}
     for round_ in range(repeats):
@@ -330,6 +335,15 @@ def round_robin(calls: dict, repeats: int, device: torch.device) -> dict:
         for name in names[shift:] + names[:shift]:
             times[name].append(timed(calls[name], device))
     return times
+
+
+def record_times(row: dict, what: str, times: list[tuple[float, float]], clock: str) -> None:
+    """Both clocks' times and medians under `what`_wall / `what`_cpu; `what`_s and `what`_times_s are the
+    chosen clock's, the ones every table and target reads."""
+    for index, name in enumerate(("wall", "cpu")):
+        row[f"{what}_{name}_times_s"] = [t[index] for t in times]
+        row[f"{what}_{name}_s"] = statistics.median(row[f"{what}_{name}_times_s"])
+    row[f"{what}_times_s"], row[f"{what}_s"] = row[f"{what}_{clock}_times_s"], row[f"{what}_{clock}_s"]
 
 
 def run_model(family: str, config, args, device, autocast) -> dict:
@@ -365,7 +379,7 @@ def run_model(family: str, config, args, device, autocast) -> dict:
 
     started = time.perf_counter()
     for name, times in round_robin(steps, args.repeats, device).items():
-        results[name]["step_times_s"], results[name]["step_s"] = times, statistics.median(times)
+        record_times(results[name], "step", times, args.clock)
     print(f"  [{family}] training steps: {args.repeats} rounds of {len(steps)} variants "
           f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
 
@@ -375,7 +389,7 @@ def run_model(family: str, config, args, device, autocast) -> dict:
         for _ in range(args.gen_warmup):
             gen()
     for name, times in round_robin(gens, args.repeats, device).items():
-        results[name]["gen_times_s"], results[name]["gen_s"] = times, statistics.median(times)
+        record_times(results[name], "gen", times, args.clock)
     print(f"  [{family}] generation: {args.repeats} rounds of {len(gens)} variants "
           f"({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
     for name, row in results.items():
@@ -429,7 +443,7 @@ def table(family: str, rows: dict, args) -> str:
             )
     lines += [
         "",
-        f"Times: median of {args.repeats} round-robin rounds (one run of every variant per round) after "
+        f"Times ({'CPU time of the process' if args.clock == 'cpu' else 'wall clock'}): median of {args.repeats} round-robin rounds (one run of every variant per round) after "
         f"{args.warmup} warm-up step(s) (+1, profiled, for rows with a memory column) and {args.gen_warmup} "
         f"warm-up generation(s); device {args.device}"
         + (", bf16 autocast" if args.bf16 else ", fp32") + f", {torch.get_num_threads()} threads. "
@@ -540,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--models", default="t5,llama", help="comma-separated, any of t5, llama, smollm2 (random weights in those models' shapes, see above)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="what the tables and targets read: wall time, or the process's CPU time (CPU only; "
+                        "with --threads 1 on a shared machine it leaves out the time other processes held the "
+                        "core); both are written to --json")
     parser.add_argument("--growth", default=None,
                         help="SAPT block counts of the growth table (default 1,10,20,30,45,60; 1,3,5 with --smoke)")
     parser.add_argument("--growth-models", default=None,
@@ -573,6 +591,8 @@ def parse_args(argv=None):
     args.growth_models = [m.strip() for m in args.growth_models.split(",") if m.strip() not in ("", "none")]
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu times the host only: CUDA work runs asynchronously; use --clock wall")
     return args
 
 
