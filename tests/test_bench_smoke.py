@@ -44,6 +44,9 @@ def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
         assert set(rows) == expected
         for name, row in rows.items():
             assert row["step_s"] > 0 and all(t > 0 for t in row["step_times_s"]), name
+            # Both clocks are recorded; the tables read the default one, wall time.
+            assert row["step_s"] == row["step_wall_s"] and row["step_times_s"] == row["step_wall_times_s"]
+            assert row["step_cpu_s"] > 0 and len(row["step_cpu_times_s"]) == len(row["step_times_s"])
             if name in generated:
                 assert row["gen_s"] > 0, name
             if name in with_memory:
