@@ -11,7 +11,8 @@ Models (random weights built from a config, nothing is downloaded):
          A step sees batch x 256 tokens (the first 192 are the prompt, the loss is on the last 64).
   smollm2  SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads and 3 key/value heads (v_proj 576 -> 192),
          intermediate 1536, vocab 49152, tied embeddings; inputs as llama. Not in the default --models
-         on the CPU (about 3x the llama shape's time); scripts/gpu_check.sh runs it.
+         on the CPU (about 3x the llama shape's time); scripts/gpu_check.sh runs it, docs/speed.md has
+         its CPU numbers.
 
 Variants: the frozen backbone alone; one peft LoRA on q and v (r=4, alpha=32); SAPT with 1, 5, 15
 and 30 blocks (blocks 1..T-1 frozen, block T trainable, plus the router); the per-task-loop reference
@@ -30,8 +31,9 @@ Timing is round-robin: every variant is built and warmed up first, then each rou
 training step of every variant (the starting variant rotates), and likewise for generation. A slow
 spell of a shared machine then lands on all variants alike instead of on whichever was being
 measured; medians over the rounds are reported. The defaults (3 rounds, 1 warm-up step, 1 warm-up
-generation) take about 12 minutes on the 2-core development CPU with --threads 1; --repeats 5 about
-17. On a shared, busy 2-core box pass --threads 1: two OpenMP threads competing with other processes
+generation) took about 12 minutes on the 2-core development CPU with --threads 1, and --repeats 5
+about 17, when only five variants generated (now every one but checkpointing does). SmolLM2's shape
+with --batch 4 --seq 128 --repeats 3 --clock cpu, growth included, takes about 12 (docs/speed.md). On a shared, busy 2-core box pass --threads 1: two OpenMP threads competing with other processes
 made a step 2x and a generation 4x slower than one thread did, and add --clock cpu: the tables
 then read the process's CPU time, which leaves out the spells in which other processes held the
 core (wall time under a load of 8 on 2 cores varied 3x between rounds of the same variant); both
