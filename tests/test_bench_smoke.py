@@ -31,18 +31,23 @@ def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
     proc = subprocess.run([sys.executable, str(SPEED), "--smoke", "--json", str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for heading in ("### t5", "### llama", "## targets", "| variant | step (s) |"):
+    for heading in ("### t5", "### llama", "## targets", "| variant | step (s) |",
+                    "### t5: growth from 1 to 5 blocks", "### llama: growth from 1 to 5 blocks"):
         assert heading in proc.stdout
 
     data = json.loads(out.read_text())
-    expected = {"backbone", "lora", "sapt-1", "sapt-3", "loop-3", "sapt-3+ckpt"}
-    generated = {"backbone", "lora", "sapt-1", "sapt-3", "loop-3"}
-    with_memory = {"lora", "sapt-1", "sapt-3", "sapt-3+ckpt"}
+    # --smoke: blocks 1 and 3, loop at 3, and the growth counts 1, 3, 5 on every model.
+    expected = {"backbone", "lora", "sapt-1", "sapt-3", "sapt-5", "loop-3", "sapt-3+ckpt"}
+    generated = expected - {"sapt-3+ckpt"}
+    with_memory = {"lora", "sapt-1", "sapt-3", "sapt-5", "sapt-3+ckpt"}
     for family in ("t5", "llama"):
         rows = data["models"][family]
         assert set(rows) == expected
         for name, row in rows.items():
             assert row["step_s"] > 0 and all(t > 0 for t in row["step_times_s"]), name
+            # Both clocks are recorded; the tables read the default one, wall time.
+            assert row["step_s"] == row["step_wall_s"] and row["step_times_s"] == row["step_wall_times_s"]
+            assert row["step_cpu_s"] > 0 and len(row["step_cpu_times_s"]) == len(row["step_times_s"])
             if name in generated:
                 assert row["gen_s"] > 0, name
             if name in with_memory:
@@ -54,7 +59,38 @@ def test_smoke_run_prints_tables_and_writes_every_variant(tmp_path):
         assert rows["sapt-1"]["state_on_router"] == 0  # a ≡ 1: the router gets no gradient
         assert rows["sapt-3"]["frozen_block_values"] > 0
         assert rows["loop-3"]["trainable_params"] == rows["sapt-3"]["trainable_params"]
+        assert_growth_fit_follows_the_rows(data["growth"][family], rows)
     assert_target_verdicts_follow_the_measurements(data, proc.stdout)
+
+
+def assert_growth_fit_follows_the_rows(fit, rows):
+    """The growth table's values are the measured rows', and its slope is the least-squares one,
+    here from the normal equations solved by torch.linalg.lstsq."""
+    assert fit["blocks"] == [1, 3, 5]
+    for key in ("step_s", "gen_s", "peak_step_mem_bytes"):
+        values = [rows[f"sapt-{t}"][key] for t in (1, 3, 5)]
+        assert fit[key]["values"] == values
+        design = torch.tensor([[1.0, t] for t in (1, 3, 5)], dtype=torch.float64)
+        solution = torch.linalg.lstsq(design, torch.tensor(values, dtype=torch.float64)[:, None]).solution
+        assert fit[key]["intercept"] == pytest.approx(solution[0, 0].item(), rel=1e-9, abs=1e-12)
+        assert fit[key]["per_block"] == pytest.approx(solution[1, 0].item(), rel=1e-9, abs=1e-12)
+        assert fit[key]["per_block_pct_of_1"] == pytest.approx(100 * fit[key]["per_block"] / values[0])
+
+
+def test_growth_fit_recovers_an_exact_line():
+    speed = load_speed()
+    # Step 2 s + 0.5 s per block, generation 1 s + 0.01 s per block, memory 100 + 3 bytes per block.
+    rows = {f"sapt-{t}": {"step_s": 2 + 0.5 * t, "gen_s": 1 + 0.01 * t, "peak_step_mem_bytes": 100 + 3 * t}
+            for t in (1, 10, 20, 30, 45, 60)}
+    fit = speed.growth_fit(rows, [60, 1, 10, 20, 30, 45])
+    assert fit["blocks"] == [1, 10, 20, 30, 45, 60]
+    assert fit["step_s"]["per_block"] == pytest.approx(0.5) and fit["step_s"]["intercept"] == pytest.approx(2)
+    assert fit["step_s"]["per_block_pct_of_1"] == pytest.approx(100 * 0.5 / 2.5)
+    assert fit["gen_s"]["per_block"] == pytest.approx(0.01)
+    assert fit["peak_step_mem_bytes"]["per_block"] == pytest.approx(3)
+    text = speed.growth_table("smollm2", fit)
+    assert "| 60 | 32.000 | 12.80× |" in text
+    assert "step 500.00 ms (20.00 % of SAPT-1's step)" in text
 
 
 # The smoke run's targets (blocks 1 and 3: the middle and the top count are both 3), written out here:
@@ -105,6 +141,14 @@ def test_target_verdicts_on_both_sides_of_each_bound():
         ("llama", False), ("llama", True), ("llama", False), ("llama", False),
     ]
     assert text.count("| PASS |") == 5 and text.count("| FAIL |") == 3
+
+    # SmolLM2's shape has its own step bounds (FLOP ratio + 3 %): 1.08 misses 1.07, 1.12 is on 1.12.
+    smol = {"lora": {"step_s": 1.0, "gen_s": 1.0}, "sapt-15": {"step_s": 1.08, "gen_s": 1.0},
+            "sapt-30": {"step_s": 1.12}}
+    _, checks = speed.targets({"smollm2": smol}, SimpleNamespace(mid=15, blocks=[1, 5, 15, 30]))
+    assert [(c["target"], c["pass"]) for c in checks] == [
+        ("SAPT-15 step ≤ 1.07× LoRA", False), ("SAPT-30 step ≤ 1.12× LoRA", True),
+        ("SAPT-15 generate ≤ 1.10× LoRA", True)]
 
 
 @pytest.mark.parametrize("num_tasks", [1, 3, 15])
