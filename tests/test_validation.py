@@ -264,7 +264,7 @@ def test_previous_task_holds_other_tasks(capsys, case):
 
 def test_config_with_wrong_type(capsys, case):
     case.edit_config(r="2")
-    expect_error(capsys, case.argv(), str(case.previous / "sapt_config.json"), "'r' is '2'", output=case.output)
+    expect_error(capsys, case.argv(), str(case.previous / "sapt_config.json"), "r '2': expected an integer", output=case.output)
 
 
 def test_config_not_an_object(capsys, case):
@@ -336,8 +336,11 @@ def test_no_reflection_trains_without_pseudo_data(capsys, case):
         (["--set", "no_such_argument=1"], ["--set no_such_argument=1", "unknown train_task argument"]),
         (["--set", "learning_rate=fast"], ["--set learning_rate=\"fast\"", "expected a number"]),
         (["--set", "max_train_samples=1.5"], ["--set max_train_samples=1.5", "expected an integer"]),
+        (["--set", "lora_r=0"], ["--set lora_r=0", "expected an integer of at least 1"]),
+        (["--set", "replay_ratio=0"], ["--set replay_ratio=0", "expected a number in (0, 1]"]),
     ],
-    ids=["unknown-order", "unknown-method", "set-without-value", "set-unknown-key", "set-wrong-type", "set-not-int"],
+    ids=["unknown-order", "unknown-method", "set-without-value", "set-unknown-key", "set-wrong-type", "set-not-int",
+         "set-out-of-range", "set-open-end"],
 )
 def test_generator_arguments(capsys, tmp_path, argv, fragments):
     output = tmp_path / "pipeline.sh"

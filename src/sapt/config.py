@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .methods.registry import METHOD_NAMES, get_method
+from .utils import rules
 
 # Which projections carry the task blocks, per backbone family (docs/methods.md: q and v of every attention).
 # Any decoder-only family whose attention names its projections q_proj/v_proj works with the default.
@@ -121,9 +122,9 @@ class SaptConfig:
         if unknown:
             raise ValueError(f"unknown SAPT config keys: {sorted(unknown)}")
         data = {"init_scheme": LEGACY_INIT_SCHEME, **data}  # written before schemes were recorded
-        for name, value in data.items():
-            if not _FIELD_CHECKS[name](value):
-                raise ValueError(f"{name!r} is {value!r}, expected {_FIELD_KINDS[name]}")
+        problem = rules.first_problem(data, _FIELD_RULES)
+        if problem:
+            raise ValueError(problem)
         return cls(**data)
 
     @classmethod
@@ -156,31 +157,20 @@ class SaptConfig:
             raise ValueError(f"{path}: invalid SAPT config ({err})") from None
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # What each field of a stored config may hold (a hand-edited or damaged file fails here, by name).
-_FIELD_KINDS = {
-    "base_model_name_or_path": "a string", "model_type": "a string", "is_encoder_decoder": "true or false",
-    "hidden_size": "a positive integer", "target_modules": "a list of strings", "r": "a positive integer",
-    "alpha": "a number", "dropout": "a number in [0, 1)", "query_dim": "a positive integer",
-    "temperature": "a name or a number", "pool_padding": "true or false", "method": "a string",
-    "tasks": "a list of strings", "init_scheme": f"an integer from 1 to {INIT_SCHEME}",
-}
-_FIELD_CHECKS = {
-    "base_model_name_or_path": lambda v: isinstance(v, str),
-    "model_type": lambda v: isinstance(v, str) and bool(v),
-    "is_encoder_decoder": lambda v: isinstance(v, bool),
-    "hidden_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-    "target_modules": lambda v: isinstance(v, list) and all(isinstance(m, str) and m for m in v),
-    "r": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-    "alpha": _is_number,
-    "dropout": lambda v: _is_number(v) and 0 <= v < 1,
-    "query_dim": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-    "temperature": lambda v: isinstance(v, str) or _is_number(v),
-    "pool_padding": lambda v: isinstance(v, bool),
-    "method": lambda v: isinstance(v, str),
-    "tasks": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
-    "init_scheme": lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= INIT_SCHEME,
+_FIELD_RULES = {
+    "base_model_name_or_path": rules.text(),
+    "model_type": rules.text(non_empty=True),
+    "is_encoder_decoder": rules.flag(),
+    "hidden_size": rules.integer(at_least=1),
+    "target_modules": rules.texts(non_empty=True),
+    "r": rules.integer(at_least=1),
+    "alpha": rules.number(),
+    "dropout": rules.interval(0, 1, "[)"),
+    "query_dim": rules.integer(at_least=1),
+    "temperature": rules.either(rules.text(), rules.number()),
+    "pool_padding": rules.flag(),
+    "method": rules.text(),
+    "tasks": rules.texts(),
+    "init_scheme": rules.integer(at_least=1, at_most=INIT_SCHEME),
 }

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..methods.registry import METHOD_NAMES, get_method
+from ..utils import rules
 from ..utils.cli import UsageError, first_line
 
 # The release's training settings that differ from the Trainer's defaults (docs/reproducing.md, hyper-parameters).
@@ -131,6 +132,22 @@ class SaptArguments:
     def __post_init__(self):
         if self.single_task:
             self.method = "single"
+
+
+# The range of every numeric argument (types come from the annotations above). Read by the pre-flight
+# checks (sapt.training.validation) and by the generators' --set and a task's JSON config (_override_problem).
+ARGUMENT_RULES = {
+    **dict.fromkeys(["lora_r", "query_dim", "max_source_length", "max_target_length", "routing_trace_inputs",
+                     "release_processes"], rules.integer(at_least=1)),
+    **dict.fromkeys(["max_train_samples", "max_eval_samples", "max_predict_samples", "eval_every_epochs",
+                     "inflora_batches"], rules.optional(rules.integer(at_least=1))),
+    **dict.fromkeys(["arm_warmup_steps", "routing_trace_every", "router_pretrain_steps"], rules.integer(at_least=0)),
+    **dict.fromkeys(["lora_alpha", "kl_ratio", "orthogonal_weight", "l2_weight", "own_block_weight"],
+                    rules.number(at_least=0)),
+    "arm_target_floor": rules.interval(0, 1, "[)"),
+    "lora_dropout": rules.interval(0, 1, "[)"),
+    "replay_ratio": rules.interval(0, 1, "(]"),
+}
 
 
 # ---- the plan: what one step reads --------------------------------------------------------------
@@ -313,6 +330,8 @@ def _override_problem(values: dict, dataclass_types) -> str | None:
             return f"{shown}: unknown train_task argument"
         if not _fits(value, hints[key]):
             return f"{shown}: expected {_kind(hints[key])}"
+        if key in ARGUMENT_RULES and not ARGUMENT_RULES[key].accepts(value):
+            return f"{shown}: expected {ARGUMENT_RULES[key].kind}"
     return None
 
 

@@ -10,7 +10,6 @@ backbone's config (not its weights).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from safetensors import safe_open
@@ -19,31 +18,21 @@ from ..checkpoint import BLOCK_FILE, ROUTER_FILE, CheckpointError, block_folders
 from ..config import default_target_modules
 from ..methods.registry import get_method, resolve
 from ..run_files import COMPLETE_FILE
+from ..utils import rules
 from ..utils.cli import UsageError, first_line
 from .data import BENCHMARKS, DataError, find_task
 from .preflight import TOKENIZER_FILES
 from .release_exact import check_release_arguments
-from .task_args import TaskPlan
+from .task_args import ARGUMENT_RULES, TaskPlan
 from .task_data import load_arm_targets, load_pseudo_sets, load_training_data
 
 
 # ---- a task's inputs ----------------------------------------------------------------------------
-def _check_numbers(args) -> None:
-    positive = ["lora_r", "query_dim", "max_source_length", "max_target_length"]
-    optional_positive = ["max_train_samples", "max_eval_samples", "max_predict_samples", "eval_every_epochs",
-                         "inflora_batches"]
-    for name in positive + optional_positive:
-        value = getattr(args, name)
-        if value is None and name in optional_positive:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"--{name} {value!r}: expected an integer of at least 1")
-    for name in ("arm_warmup_steps", "routing_trace_every", "router_pretrain_steps"):
-        value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UsageError(f"--{name} {value!r}: expected an integer of at least 0")
-    if not isinstance(args.routing_trace_inputs, int) or args.routing_trace_inputs < 1:
-        raise UsageError(f"--routing_trace_inputs {args.routing_trace_inputs!r}: expected an integer of at least 1")
+def _check_arguments(args) -> None:
+    """Every range of ARGUMENT_RULES, then the rules that tie arguments together."""
+    problem = rules.first_problem({name: getattr(args, name) for name in ARGUMENT_RULES}, ARGUMENT_RULES, prefix="--")
+    if problem:
+        raise UsageError(problem)
     if args.router_pretrain_steps and not args.own_block_weight:
         raise UsageError(
             f"--router_pretrain_steps {args.router_pretrain_steps}: needs --own_block_weight > 0 (ARM alone sends "
@@ -51,16 +40,6 @@ def _check_numbers(args) -> None:
         )
     if args.freeze_router_while_training and not args.router_pretrain_steps:
         raise UsageError("--freeze_router_while_training: needs --router_pretrain_steps > 0 (else the router never trains)")
-    if not 0 <= args.arm_target_floor < 1:
-        raise UsageError(f"--arm_target_floor {args.arm_target_floor!r}: expected a number in [0, 1)")
-    for name in ("lora_alpha", "kl_ratio", "orthogonal_weight", "l2_weight", "own_block_weight"):
-        value = getattr(args, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise UsageError(f"--{name} {value!r}: expected a finite number of at least 0")
-    if not 0 <= args.lora_dropout < 1:
-        raise UsageError(f"--lora_dropout {args.lora_dropout!r}: expected a number in [0, 1)")
-    if not 0 < args.replay_ratio <= 1:
-        raise UsageError(f"--replay_ratio {args.replay_ratio!r}: expected a number in (0, 1]")
     if args.target_modules is not None and not all(m.strip() for m in args.target_modules.split(",")):
         raise UsageError(f"--target_modules {args.target_modules!r}: expected comma-separated projection names")
 
@@ -214,7 +193,7 @@ def _check_deepspeed(args, training_args) -> None:
 
 def validate_task_inputs(args, training_args, task_plan: TaskPlan) -> None:
     """Check everything this step reads, cheapest first; raise UsageError, DataError or CheckpointError."""
-    _check_numbers(args)
+    _check_arguments(args)
     _check_deepspeed(args, training_args)
     _check_data(args, task_plan, training_args.seed)
     config = _backbone_config(args.model_name_or_path)
