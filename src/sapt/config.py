@@ -84,9 +84,10 @@ class SaptConfig:
     def __post_init__(self):
         if not self.target_modules:
             self.target_modules = default_target_modules(self.model_type)
+        problem = rules.first_problem({f.name: getattr(self, f.name) for f in fields(self)}, _FIELD_RULES)
+        if problem:
+            raise ValueError(problem)
         get_method(self.method)  # an unknown name fails here, listing the methods
-        if self.r <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {self.r}")
         self.temperature_value()  # validate early
 
     def temperature_value(self) -> float:
@@ -122,10 +123,7 @@ class SaptConfig:
         if unknown:
             raise ValueError(f"unknown SAPT config keys: {sorted(unknown)}")
         data = {"init_scheme": LEGACY_INIT_SCHEME, **data}  # written before schemes were recorded
-        problem = rules.first_problem(data, _FIELD_RULES)
-        if problem:
-            raise ValueError(problem)
-        return cls(**data)
+        return cls(**data)  # __post_init__ checks every field against _FIELD_RULES
 
     @classmethod
     def for_backbone(cls, backbone, name_or_path: str, **overrides) -> SaptConfig:
