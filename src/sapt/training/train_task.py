@@ -142,6 +142,10 @@ def set_up(args: SaptArguments, training_args: Seq2SeqTrainingArguments, task_pl
     hooks, hook_batches, hook_parts = start_method_hooks(
         args, model, task_plan, train_set, train_collator, training_args.per_device_train_batch_size
     )
+    logger.info(  # after the hooks: a method may freeze part of the new block (InfLoRA's A)
+        "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
+        len(task_plan.order), args.task, model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()),
+    )
     terms = training_terms(
         args, model, task_plan, earlier_dirs, recipe.pseudo_collator(train_collator, generation_collator),
         training_args.per_device_train_batch_size, training_args.seed, recipe,
@@ -180,10 +184,6 @@ def load_model(args: SaptArguments, training_args: Seq2SeqTrainingArguments, tas
     model, earlier_dirs = build_model(args, backbone, task_plan, training_args.seed)
     if not task_plan.continues:  # a new router (later tasks carry the query network over)
         recipe.init_query_net(model, hf_config, training_args.seed)
-    logger.info(
-        "%s, task %d/%d %s: %d blocks, %d trainable parameters", args.method, task_plan.position + 1,
-        len(task_plan.order), args.task, model.num_blocks, sum(p.numel() for _, p in model.trainable_parameters()),
-    )
     return tokenizer, model, earlier_dirs, recipe
 
 
