@@ -213,13 +213,13 @@ def test_router_pretraining_is_deterministic():
 
 def test_remedy_arguments_that_cannot_work_are_refused_in_one_line():
     from sapt.training.task_args import SaptArguments
-    from sapt.training.validation import _check_numbers
+    from sapt.training.validation import _check_arguments
     from sapt.utils.cli import UsageError
 
     def args(**kw):
         return SaptArguments(model_name_or_path="m", task_order="a,b", task="b", **kw)
 
-    _check_numbers(args(own_block_weight=1.0, router_pretrain_steps=200, freeze_router_while_training=True))
+    _check_arguments(args(own_block_weight=1.0, router_pretrain_steps=200, freeze_router_while_training=True))
     for bad, message in (
         (dict(router_pretrain_steps=200), "needs --own_block_weight"),
         (dict(freeze_router_while_training=True), "needs --router_pretrain_steps"),
@@ -228,7 +228,7 @@ def test_remedy_arguments_that_cannot_work_are_refused_in_one_line():
         (dict(own_block_weight=-1.0), "own_block_weight"),
     ):
         with pytest.raises(UsageError, match=message):
-            _check_numbers(args(**bad))
+            _check_arguments(args(**bad))
 
 
 # ---- through sapt.train_task -----------------------------------------------------------------------
