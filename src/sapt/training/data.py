@@ -42,12 +42,11 @@ def _locate(data_dir: str | Path, task: str) -> tuple[Benchmark, Path]:
         raise DataError(f"{data_dir}: data folder does not exist")
     try:
         found = locate_task(data_dir, task)
-        names = _benchmark_names(data_dir)
+        if found is None:  # the folders are listed again only to name them in the error
+            names = " or ".join(_benchmark_names(data_dir))
+            raise DataError(f"{data_dir}: no task folder named {task!r} under {names}{_known_tasks_hint(data_dir, task)}")
     except BenchmarkError as err:
         raise DataError(str(err)) from None
-    if found is None:
-        hint = _known_tasks_hint(data_dir, task)
-        raise DataError(f"{data_dir}: no task folder named {task!r} under {' or '.join(names)}{hint}")
     return found
 
 
